@@ -418,7 +418,17 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
     """Plain, YAML/JSON-serialisable dict of a config (enums as their string values)."""
-    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
+
+    def plain(node: Any) -> Any:
+        if isinstance(node, enum.Enum):
+            return node.value
+        if isinstance(node, dict):
+            return {k: plain(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [plain(v) for v in node]
+        return node
+
+    return plain(OmegaConf.to_container(cfg, resolve=True))
 
 
 # --------------------------------------------------------------------------------------------
@@ -547,9 +557,7 @@ def validate(cfg: RunConfig) -> list[str]:
         if par.offload != Offload.NONE:
             p.append("parallel.offload: offload needs ZeRO-3 and is not available with parallel.mode=pipeline")
         if par.pipeline_stages > m.num_layers:
-            p.append(
-                f"parallel.pipeline_stages ({par.pipeline_stages}) exceeds model.num_layers ({m.num_layers})"
-            )
+            p.append(f"parallel.pipeline_stages ({par.pipeline_stages}) exceeds model.num_layers ({m.num_layers})")
     elif par.pipeline_stages != 1:
         p.append(
             f"parallel.pipeline_stages={par.pipeline_stages} needs parallel.mode=pipeline "
@@ -561,9 +569,7 @@ def validate(cfg: RunConfig) -> list[str]:
     if d.seq_len < 1:
         p.append(f"data.seq_len: must be positive, got {d.seq_len}")
     if d.seq_len > m.max_position_embeddings and not m.rope_scaling:
-        p.append(
-            f"data.seq_len ({d.seq_len}) exceeds model.max_position_embeddings ({m.max_position_embeddings})"
-        )
+        p.append(f"data.seq_len ({d.seq_len}) exceeds model.max_position_embeddings ({m.max_position_embeddings})")
     if d.num_workers < 0:
         p.append(f"data.num_workers: must be >= 0, got {d.num_workers}")
     for i, src in enumerate(d.datasets):
