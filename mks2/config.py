@@ -140,6 +140,10 @@ class VisionConfig:
     """Token id of the placeholder in tokenized data (negative: never a real vocabulary id)."""
     image_size: int | None = None
     """Input resolution; defaults to the vision checkpoint's."""
+    feature_layer: int = -2
+    """CLIP only: hidden state whose patch tokens (CLS dropped) form the prefix, indexed like
+    transformers' ``hidden_states`` (0 = embeddings, L = last layer): -2 = penultimate layer (LLaVA's
+    choice), -1 = last layer. BLIP-2 always uses the Q-Former output."""
 
 
 @dataclass(kw_only=True)

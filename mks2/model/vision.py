@@ -8,9 +8,10 @@ placeholder (DESIGN §1):
   Only ``vision_model.*``, ``qformer.*`` and ``query_tokens`` are read from the checkpoint; the
   OPT/T5 language model of a ``Blip2Model`` / ``Blip2ForConditionalGeneration`` directory is never
   built nor loaded.
-* ``clip``: frozen CLIP vision tower -> the PENULTIMATE layer's patch tokens, CLS excluded (as LLaVA
-  does: the last layer is tuned for the contrastive CLS objective, the one before keeps more
-  spatial detail) -> features [N, (H/patch) * (W/patch), vision_hidden] -> trainable ``mapping``.
+* ``clip``: frozen CLIP vision tower -> patch tokens of ``model.vision.feature_layer`` (default -2,
+  the PENULTIMATE layer, as LLaVA does: the last layer is tuned for the contrastive CLS objective,
+  the one before keeps more spatial detail), CLS excluded -> features
+  [N, (H/patch) * (W/patch), vision_hidden] -> trainable ``mapping``.
 
 The towers are frozen: ``requires_grad=False``, kept in eval mode even when ``.train()`` is called
 (no dropout noise in what is a fixed feature extractor) and run under ``torch.no_grad``. ``pooled``
@@ -72,6 +73,7 @@ class VisionCheckpointInfo:
     native_image_size: int  # resolution the position embeddings were trained at
     patch_size: int
     num_prefix_tokens: int  # P
+    feature_layer: int  # CLIP: index into hidden_states of the prefix features (BLIP-2: unused)
     feature_dim: int  # width of the frozen features fed to ``mapping``
     embed_dim: int  # width of the pooled output (vision_dim)
 
@@ -141,10 +143,17 @@ def read_vision_checkpoint(model_cfg: Any) -> VisionCheckpointInfo:
         raise ValueError(
             f"model.vision.image_size ({size}) must be a positive multiple of the patch size ({patch}) of {path}"
         )
+    feature_layer = int(getattr(vis, "feature_layer", -2))
     if kind == VisionKind.BLIP2:
         prefix, feature_dim = int(hf_config.num_query_tokens), int(hf_config.qformer_config.hidden_size)
     else:
         prefix, feature_dim = (size // patch) ** 2, int(vision_config.hidden_size)
+        n_layers = int(vision_config.num_hidden_layers)
+        if not -(n_layers + 1) <= feature_layer <= n_layers:
+            raise ValueError(
+                f"model.vision.feature_layer ({feature_layer}) is outside -{n_layers + 1}..{n_layers} for the "
+                f"{n_layers}-layer CLIP tower in {path}"
+            )
     return VisionCheckpointInfo(
         path=path,
         kind=kind,
@@ -155,6 +164,7 @@ def read_vision_checkpoint(model_cfg: Any) -> VisionCheckpointInfo:
         native_image_size=native,
         patch_size=patch,
         num_prefix_tokens=prefix,
+        feature_layer=feature_layer,
         feature_dim=feature_dim,
         embed_dim=int(vision_config.hidden_size),
     )
@@ -429,8 +439,8 @@ class VisionFrontEnd(nn.Module):
             )
             return VisionEncoding(features=q.last_hidden_state, pooled=out.pooler_output)
         out = self.vision_model(pixel_values=px, interpolate_pos_encoding=self._interpolate, output_hidden_states=True)
-        # hidden_states = (encoder input, layer 1, ..., layer L): [-2] is layer L-1; drop CLS at index 0.
-        features = out.hidden_states[-2][:, 1:]  # [N, patches, vision_dim]
+        # hidden_states = (encoder input, layer 1, ..., layer L); default -2 = layer L-1. Drop CLS (index 0).
+        features = out.hidden_states[self.info.feature_layer][:, 1:]  # [N, patches, vision_dim]
         return VisionEncoding(features=features, pooled=out.pooler_output)
 
     @torch.no_grad()

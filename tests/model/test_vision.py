@@ -193,6 +193,18 @@ def test_clip_prefix_is_penultimate_patch_tokens(clip_dir):
     torch.testing.assert_close(vis.pooled(px), out.pooler_output, atol=1e-6, rtol=1e-6)
 
 
+def test_clip_feature_layer_selects_hidden_state(clip_dir):
+    d, hf = clip_dir
+    px = pixels(2)
+    with torch.no_grad():
+        hidden = hf(pixel_values=px, output_hidden_states=True).hidden_states  # L + 1 entries
+    for layer in (-1, 1):
+        vis = VisionFrontEnd(model_cfg("clip", d, f"model.vision.feature_layer={layer}"))
+        torch.testing.assert_close(vis.encode(px).features, hidden[layer][:, 1:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"model.vision.feature_layer \(4\) is outside -4..3"):
+        read_vision_checkpoint(model_cfg("clip", d, "model.vision.feature_layer=4"))
+
+
 def test_clip_dual_tower_checkpoint(tmp_path):
     # CLIPModel (model_type 'clip'): vision tower under 'vision_model.', text tower ignored.
     hf = make_tiny_clip(tmp_path, full=True, seed=2)
