@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from mks2.config import VisionKind
+from mks2.config import Precision, VisionKind
 
 WeightGather = Callable[[list[nn.Parameter]], contextlib.AbstractContextManager]
 
@@ -49,6 +49,7 @@ _EXPECTED_LAYOUT = {
     VisionKind.BLIP2: "a transformers Blip2Model / Blip2ForConditionalGeneration checkpoint",
     VisionKind.CLIP: "a transformers CLIPModel / CLIPVisionModel checkpoint",
 }
+_DTYPES = {Precision.FP32: torch.float32, Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
 # Top-level submodules of transformers' CLIPVisionModel (the keys a CLIP vision checkpoint may hold).
 _CLIP_VISION_PARTS = ("embeddings", "pre_layrnorm", "encoder", "post_layernorm")
 
@@ -291,6 +292,16 @@ def _iter_checkpoint(path: Path, select: Callable[[str], bool]) -> Iterator[tupl
 # --------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 class VisionFrontEnd(nn.Module):
     """Frozen vision towers + trainable ``mapping`` (feature_dim -> hidden size). See module docstring.
 
@@ -313,25 +324,36 @@ class VisionFrontEnd(nn.Module):
         # Positional embeddings are resampled when the configured resolution differs from the native one.
         self._interpolate = info.image_size != info.native_image_size
 
+        dtype = _DTYPES[Precision(getattr(model_cfg.dtype, "value", model_cfg.dtype))]
+
         from transformers.initialization import no_init_weights
 
-        # Towers are allocated without random init when their weights come from the checkpoint.
-        init_ctx = no_init_weights() if load_weights else contextlib.nullcontext()
-        with init_ctx:
-            if info.kind == VisionKind.BLIP2:
-                from transformers import Blip2QFormerModel, Blip2VisionModel
+        # Towers are allocated without random init when their weights come from the checkpoint, and
+        # directly in the model dtype (never a second, fp32 copy).
+        def tower_ctx(tower_dtype: torch.dtype) -> contextlib.ExitStack:
+            stack = contextlib.ExitStack()
+            if load_weights:
+                stack.enter_context(no_init_weights())
+            stack.enter_context(_default_dtype(tower_dtype))
+            return stack
 
-                cfg = info.hf_config
+        if info.kind == VisionKind.BLIP2:
+            from transformers import Blip2QFormerModel, Blip2VisionModel
+
+            cfg = info.hf_config
+            with tower_ctx(dtype):
                 self.vision_model = Blip2VisionModel(cfg.vision_config)
+            with tower_ctx(torch.float32):  # transformers keeps the Q-Former and queries in fp32 too
                 self.qformer = Blip2QFormerModel(cfg.qformer_config)
                 self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_tokens, cfg.qformer_config.hidden_size))
-            else:
-                from transformers import CLIPVisionModel
+        else:
+            from transformers import CLIPVisionModel
 
+            with tower_ctx(dtype):
                 self.vision_model = CLIPVisionModel(info.vision_config)
         for p in self._frozen_parameters():
             p.requires_grad_(False)
-        self.mapping = nn.Linear(self.feature_dim, self.hidden_size)  # trainable, default Linear init
+        self.mapping = nn.Linear(self.feature_dim, self.hidden_size, dtype=dtype)  # trainable, default Linear init
         if load_weights:
             self._load_towers(weight_gather)
         self.train(self.training)  # puts the towers in eval mode

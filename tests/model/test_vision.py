@@ -144,6 +144,21 @@ def test_frozen_split_and_eval_mode_survive_train(blip2_dir, clip_dir):
         assert all(p.grad is None for n, p in vis.named_parameters() if not n.startswith("mapping."))
 
 
+def test_bf16_model_dtype(blip2_dir):
+    # Towers and mapping in the model dtype; the Q-Former and query tokens stay fp32 as in transformers.
+    d, _ = blip2_dir
+    vis = VisionFrontEnd(model_cfg("blip2", d, "model.dtype=bf16"))
+    assert {p.dtype for p in vis.vision_model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in vis.qformer.parameters()} == {torch.float32}
+    assert vis.query_tokens.dtype == torch.float32 and vis.mapping.weight.dtype == torch.bfloat16
+    px = pixels(2)
+    prefix = vis(pixel_values=px)
+    assert prefix.dtype == torch.bfloat16 and prefix.shape == (2, TINY_NUM_QUERY_TOKENS, HIDDEN)
+    want = VisionFrontEnd(model_cfg("blip2", d)).encode(px).features  # fp32 reference (checked against HF above)
+    torch.testing.assert_close(vis.encode(px).features, want, atol=0.05, rtol=0.05)
+    assert torch.get_default_dtype() == torch.float32  # construction did not leak its dtype
+
+
 def test_dropout_in_qformer_is_off_in_train_mode(blip2_dir):
     # The Q-Former config has dropout 0.1: outputs would differ between calls if it were in train mode.
     d, _ = blip2_dir
