@@ -487,7 +487,7 @@ def validate(cfg: RunConfig) -> list[str]:
         except ValueError as exc:
             p.append(f"model.mvm.layers: {exc}")
     if (
-        m.stage == Stage.MVM
+        (m.stage == Stage.MVM or (m.stage == Stage.MOME and m.mome.use_mvm))
         and m.mvm.placement == MVMPlacement.REPLACE
         and m.mvm.intermediate_size is not None
         and m.mvm.intermediate_size != m.intermediate_size
