@@ -1,0 +1,207 @@
+"""Input files for ``pretokenize``: glob expansion and record iteration over JSONL (plain or gzip),
+Parquet and CSV/TSV.
+
+A ``.json`` file is JSONL unless its first character is ``[``: then it is one JSON array of records
+(LLaVA ships its instruction data that way), loaded whole.
+
+Records come out as ``(file_index, number, payload)`` in input order. ``number`` is the 1-based line
+of a JSONL/CSV record (the line where a multi-line CSV record starts), the 1-based row of a Parquet
+file or the 1-based item of a JSON array. JSONL payloads stay raw bytes so that UTF-8 decoding and
+JSON parsing happen in the worker processes (in parallel, and with the record's location at hand
+when they fail). A CSV row that cannot be used (wrong field count, a csv syntax error) arrives as a
+``RecordProblem`` payload, so it is handled by ``--on-error`` like every other bad record.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import gzip
+import io
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mks2.data.errors import PretokenizeError
+
+_SUFFIXES = {
+    ".jsonl": "jsonl",
+    ".json": "json",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".csv": "csv",
+    ".tsv": "tsv",
+}
+
+
+class RecordProblem(Exception):
+    """A record is unusable; ``str(exc)`` is the reason. Turned into ``BadRecord`` with its location."""
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str
+    fmt: str  # jsonl | json (JSONL, or one JSON array) | parquet | csv | tsv
+    gzipped: bool
+    array: bool = False  # a .json file holding one JSON array
+
+    @property
+    def size(self) -> int:
+        return os.path.getsize(self.path)
+
+
+def detect_format(path: str) -> tuple[str, bool]:
+    """(format, gzipped) from the file name; raises PretokenizeError for unknown suffixes."""
+    name = path.lower()
+    gz = name.endswith(".gz")
+    if gz:
+        name = name[:-3]
+    for suffix, fmt in _SUFFIXES.items():
+        if name.endswith(suffix):
+            if fmt == "parquet" and gz:
+                break
+            return fmt, gz
+    allowed = ", ".join(sorted(set(_SUFFIXES) | {".jsonl.gz", ".csv.gz"}))
+    raise PretokenizeError(f"{path}: cannot tell the input format from the name (known suffixes: {allowed})")
+
+
+def resolve_inputs(patterns: Sequence[str]) -> list[InputFile]:
+    """Expand files and globs, keeping the given order (matches of one glob sorted by name)."""
+    if not patterns:
+        raise PretokenizeError("no inputs given")
+    files: list[InputFile] = []
+    seen: set[str] = set()
+    for pattern in patterns:
+        expanded = os.path.expanduser(pattern)
+        if glob.has_magic(expanded):
+            matches = sorted(p for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
+            if not matches:
+                raise PretokenizeError(f"input pattern matches no file: {pattern}")
+        elif os.path.isfile(expanded):
+            matches = [expanded]
+        else:
+            raise PretokenizeError(f"input file not found: {pattern}")
+        for path in matches:
+            real = os.path.abspath(path)
+            if real in seen:  # a file named twice (e.g. by two globs) is read once
+                continue
+            seen.add(real)
+            fmt, gz = detect_format(path)
+            f = InputFile(real, fmt, gz)
+            if fmt == "json" and _first_byte(f) == b"[":
+                f = InputFile(real, fmt, gz, array=True)
+            files.append(f)
+    return files
+
+
+def _first_byte(f: InputFile) -> bytes:
+    opener = gzip.open if f.gzipped else open
+    with opener(f.path, "rb") as fh:
+        while block := fh.read(4096):
+            if stripped := block.lstrip():
+                return stripped[:1]
+    return b""
+
+
+def _iter_json_array(f: InputFile) -> Iterator[tuple[int, Any]]:
+    """A ``.json`` file holding one JSON array of records (LLaVA's instruction files). Loaded whole;
+    locations name the 1-based item."""
+    opener = gzip.open if f.gzipped else open
+    try:
+        with opener(f.path, "rb") as fh:
+            items = json.loads(fh.read().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise PretokenizeError(f"{f.path}: invalid UTF-8 at byte {exc.start}") from exc
+    except json.JSONDecodeError as exc:
+        raise PretokenizeError(f"{f.path}:{exc.lineno}: malformed JSON array ({exc.msg})") from exc
+    yield from enumerate(items, 1)
+
+
+def _iter_jsonl(f: InputFile) -> Iterator[tuple[int, Any]]:
+    if f.array:
+        yield from _iter_json_array(f)
+        return
+    opener = gzip.open if f.gzipped else open
+    lineno = 0
+    try:
+        with opener(f.path, "rb") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if line.strip():  # blank lines (e.g. a trailing newline) are not records
+                    yield lineno, line
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise PretokenizeError(f"{f.path}:{lineno + 1}: cannot read the file ({exc})") from exc
+
+
+def _iter_csv(f: InputFile) -> Iterator[tuple[int, Any]]:
+    delimiter = "\t" if f.fmt == "tsv" else ","
+    csv.field_size_limit(sys.maxsize)  # long documents are judged by --max-tokens, not by csv's 128 kB limit
+    # surrogateescape keeps invalid UTF-8 bytes as lone surrogates, which the worker reports per record.
+    if f.gzipped:
+        fh: Any = io.TextIOWrapper(gzip.open(f.path, "rb"), encoding="utf-8", errors="surrogateescape", newline="")
+    else:
+        fh = open(f.path, encoding="utf-8", errors="surrogateescape", newline="")
+    with fh:
+        reader = csv.reader(fh, delimiter=delimiter)
+        try:
+            header = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise PretokenizeError(f"{f.path}:1: cannot parse the CSV header ({exc})") from exc
+        if len(set(header)) != len(header):
+            raise PretokenizeError(f"{f.path}:1: duplicate column names in the CSV header: {header}")
+        last_line = reader.line_num
+        while True:
+            start = last_line + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                last_line = reader.line_num
+                yield start, RecordProblem(f"malformed CSV ({exc})")
+                continue
+            last_line = reader.line_num
+            if not row:  # blank line
+                continue
+            if len(row) != len(header):
+                yield start, RecordProblem(f"malformed CSV row: {len(row)} fields, the header has {len(header)}")
+                continue
+            yield start, dict(zip(header, row))
+
+
+def _iter_parquet(f: InputFile) -> Iterator[tuple[int, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(f.path)
+    except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for broken files
+        raise PretokenizeError(f"{f.path}: not a readable Parquet file ({exc})") from exc
+    row = 0
+    for batch in pf.iter_batches(batch_size=8192):
+        for rec in batch.to_pylist():
+            row += 1
+            yield row, rec
+
+
+def iter_records(files: Sequence[InputFile]) -> Iterator[tuple[int, int, Any]]:
+    """All records of all files in order: ``(file_index, line_or_row, payload)``."""
+    for index, f in enumerate(files):
+        it = {"jsonl": _iter_jsonl, "json": _iter_jsonl, "csv": _iter_csv, "tsv": _iter_csv, "parquet": _iter_parquet}[
+            f.fmt
+        ](f)
+        for number, payload in it:
+            yield index, number, payload
+
+
+def location(f: InputFile, number: int) -> str:
+    """``file:line`` (``file:row N`` for Parquet, ``file:item N`` for a JSON array) in error messages."""
+    if f.fmt == "parquet":
+        return f"{f.path}:row {number}"
+    if f.fmt == "json" and f.array:
+        return f"{f.path}:item {number}"
+    return f"{f.path}:{number}"
