@@ -28,6 +28,7 @@ from tests.fixtures import (
     TINY_VISION_HIDDEN,
     make_tiny_blip2,
     make_tiny_clip,
+    make_tiny_llama,
 )
 
 HIDDEN = 64  # demo.yaml's LLM width
@@ -408,3 +409,92 @@ def test_retrieval_head():
         head.logit_scale.fill_(1.0)
     head.scale().backward()
     assert head.logit_scale.grad.item() == pytest.approx(math.e, rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Captioning loss through the whole model (image prefix spliced at the placeholders)
+# --------------------------------------------------------------------------------------------
+
+IMG = -200  # model.vision.image_token_id default
+
+
+def _caption_batch(p: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two right-padded rows ``prompt + P image placeholders + caption + EOS`` as a collator lays them
+    out: labels only on the caption (and EOS), -100 on prompt, prefix and padding."""
+    rows = [([5, 6, 7], [10, 11, 12, 2]), ([8], [20, 21, 2])]
+    seq = max(len(a) + p + len(c) for a, c in rows) + 2
+    ids = torch.zeros(2, seq, dtype=torch.long)
+    labels = torch.full((2, seq), -100)
+    mask = torch.zeros(2, seq, dtype=torch.long)
+    ignored = torch.zeros(2, seq, dtype=torch.bool)  # prompt + prefix positions (not padding)
+    for b, (prompt, caption) in enumerate(rows):
+        row = prompt + [IMG] * p + caption
+        ids[b, : len(row)] = torch.tensor(row)
+        mask[b, : len(row)] = 1
+        start = len(prompt) + p
+        labels[b, start : len(row)] = torch.tensor(caption)
+        ignored[b, :start] = True
+    return ids, labels, mask, ignored
+
+
+@pytest.mark.parametrize("kind", ["blip2", "clip"])
+def test_captioning_loss_counts_caption_tokens_only(tmp_path, kind, blip2_dir, clip_dir):
+    from mks2 import build_model
+
+    hf_llama = make_tiny_llama(tmp_path / "llama")
+    vdir = blip2_dir[0] if kind == "blip2" else clip_dir[0]
+    cfg = load_config(
+        None,
+        [
+            "model.stage=mvm",
+            f"model.init_from={tmp_path / 'llama'}",
+            f"model.vision.kind={kind}",
+            f"model.vision.path={vdir}",
+        ],
+    )
+    model = build_model(cfg)
+    p = vision_prefix_length(cfg.model)
+    ids, labels, mask, ignored = _caption_batch(p)
+    px = pixels(2, seed=11)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=px)
+    n_caption = int((labels != -100).sum())
+    assert int(out.aux["num_loss_tokens"]) == n_caption == 7
+
+    # By hand: mean over caption tokens of -log p(token | everything before it).
+    logp = torch.log_softmax(out.logits.float(), dim=-1)
+    terms = [-logp[b, t - 1, labels[b, t]] for b in range(2) for t in range(1, ids.shape[1]) if labels[b, t] != -100]
+    torch.testing.assert_close(out.loss, torch.stack(terms).mean(), atol=1e-6, rtol=1e-6)
+
+    # Independent reference: transformers' Llama on the same embeddings (prefix spliced at the
+    # placeholders) with the same labels. A fresh stage-1 model computes the base Llama's function.
+    with torch.no_grad():
+        embeds = hf_llama.get_input_embeddings()(ids.clamp(min=0))
+        embeds[ids == IMG] = model.vision(pixel_values=px).reshape(-1, embeds.shape[-1])
+        ref = hf_llama(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-5)
+
+    # Labels on prompt/prefix positions WOULD change the loss; -100 there removes them completely:
+    # no gradient reaches the logits that predict a prompt or prefix position.
+    noisy = labels.clone()
+    noisy[ignored] = torch.randint(0, 100, (int(ignored.sum()),), generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(model(input_ids=ids, attention_mask=mask, labels=noisy, pixel_values=px).loss, out.loss)
+    logits = out.logits.detach().requires_grad_(True)
+    from mks2.model import causal_lm_loss
+
+    (grad,) = torch.autograd.grad(causal_lm_loss(logits, labels)[0], logits)
+    predicts_ignored = torch.zeros_like(ignored)
+    predicts_ignored[:, :-1] = ignored[:, 1:] | (mask[:, 1:] == 0)  # position t predicts token t + 1
+    assert grad[predicts_ignored].abs().max() == 0
+    assert (grad[~predicts_ignored & (mask == 1)].abs().sum(-1) > 0).sum() == n_caption
+
+    # The image matters for the caption loss, precomputed features give the same loss, and the
+    # trainable mapping and MVM get gradients while the towers get none.
+    other = model(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=pixels(2, seed=12)).loss
+    assert not torch.allclose(other, out.loss)
+    feats = model.vision.encode(px).features
+    again = model(input_ids=ids, attention_mask=mask, labels=labels, vision_features=feats)
+    torch.testing.assert_close(again.loss, out.loss, atol=1e-6, rtol=1e-6)
+    again.loss.backward()
+    grads = {n for n, q in model.named_parameters() if q.grad is not None and q.grad.abs().sum() > 0}
+    assert "vision.mapping.weight" in grads and any(".mvm." in n for n in grads)
+    assert not any(n.startswith("vision.") and not n.startswith("vision.mapping.") for n in grads)
