@@ -302,6 +302,22 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
+class QueryTokens(nn.Module):
+    """BLIP-2's learned Q-Former queries ``weight`` [1, Q, H] (checkpoint key ``query_tokens``).
+
+    A module of their own rather than a bare parameter of ``VisionFrontEnd``: a wrapper that gathers
+    parameters in module hooks (ZeRO-3) then also gathers them when ``encode`` runs outside
+    ``VisionFrontEnd.forward``.
+    """
+
+    def __init__(self, num_queries: int, hidden_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, num_queries, hidden_size))
+
+    def forward(self, batch: int) -> torch.Tensor:
+        return self.weight.expand(batch, -1, -1)  # [batch, Q, H]
+
+
 class VisionFrontEnd(nn.Module):
     """Frozen vision towers + trainable ``mapping`` (feature_dim -> hidden size). See module docstring.
 
@@ -345,7 +361,7 @@ class VisionFrontEnd(nn.Module):
                 self.vision_model = Blip2VisionModel(cfg.vision_config)
             with tower_ctx(torch.float32):  # transformers keeps the Q-Former and queries in fp32 too
                 self.qformer = Blip2QFormerModel(cfg.qformer_config)
-                self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_tokens, cfg.qformer_config.hidden_size))
+                self.query_tokens = QueryTokens(cfg.num_query_tokens, cfg.qformer_config.hidden_size)
         else:
             from transformers import CLIPVisionModel
 
@@ -361,11 +377,12 @@ class VisionFrontEnd(nn.Module):
     # ---- structure -----------------------------------------------------------------------
 
     def _frozen_modules(self) -> list[nn.Module]:
-        return [self.vision_model, self.qformer] if self.kind == VisionKind.BLIP2 else [self.vision_model]
+        if self.kind == VisionKind.BLIP2:
+            return [self.vision_model, self.qformer, self.query_tokens]
+        return [self.vision_model]
 
     def _frozen_parameters(self) -> list[nn.Parameter]:
-        params = [p for m in self._frozen_modules() for p in m.parameters()]
-        return params + [self.query_tokens] if self.kind == VisionKind.BLIP2 else params
+        return [p for m in self._frozen_modules() for p in m.parameters()]
 
     def train(self, mode: bool = True) -> VisionFrontEnd:
         super().train(mode)
@@ -382,7 +399,9 @@ class VisionFrontEnd(nn.Module):
     def _checkpoint_name(self, key: str) -> str | None:
         """Our state-dict name for a checkpoint key, or None when the key is not part of the towers."""
         if self.kind == VisionKind.BLIP2:
-            if key == "query_tokens" or key.startswith(("vision_model.", "qformer.")):
+            if key == "query_tokens":
+                return "query_tokens.weight"
+            if key.startswith(("vision_model.", "qformer.")):
                 return key
             return None
         # CLIP: CLIPModel and transformers-4 CLIPVisionModel files prefix the tower with
@@ -454,7 +473,7 @@ class VisionFrontEnd(nn.Module):
         if self.kind == VisionKind.BLIP2:
             out = self.vision_model(pixel_values=px, interpolate_pos_encoding=self._interpolate)
             image_embeds = out.last_hidden_state  # [N, 1 + patches, vision_dim]
-            queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)  # [N, Q, qformer_hidden]
+            queries = self.query_tokens(image_embeds.shape[0])  # [N, Q, qformer_hidden]
             image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
             q = self.qformer(
                 query_embeds=queries, encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask
