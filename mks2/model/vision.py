@@ -35,8 +35,10 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from mks2.config import Precision, VisionKind
+from mks2.model.hf_loading import _iter_file, checkpoint_index
 
 WeightGather = Callable[[list[nn.Parameter]], contextlib.AbstractContextManager]
 
@@ -236,58 +238,6 @@ def _image_processor(info: VisionCheckpointInfo) -> Any:
 
 
 # --------------------------------------------------------------------------------------------
-# Streaming checkpoint reader
-# --------------------------------------------------------------------------------------------
-
-
-def _weight_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
-    """Checkpoint files of an HF directory and, when sharded, its key -> file map."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = path / index_name
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise ValueError(f"{index}: not a valid HF shard index ({exc})") from exc
-            files = [path / f for f in dict.fromkeys(weight_map.values())]
-            missing = [str(f) for f in files if not f.is_file()]
-            if missing:
-                raise ValueError(f"{index}: lists shard file(s) that do not exist: {', '.join(missing)}")
-            return files, weight_map
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if (path / single).is_file():
-            return [path / single], None
-    raise ValueError(
-        f"{path}: no weights found (expected model.safetensors, model.safetensors.index.json, "
-        "pytorch_model.bin or pytorch_model.bin.index.json)"
-    )
-
-
-def _iter_checkpoint(path: Path, select: Callable[[str], bool]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (key, tensor) for the checkpoint keys ``select`` accepts, one tensor at a time.
-    Shards holding no selected key are never opened."""
-    files, weight_map = _weight_files(path)
-    for file in files:
-        if weight_map is not None and not any(select(k) for k, f in weight_map.items() if path / f == file):
-            continue
-        if file.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(file), framework="pt", device="cpu") as reader:
-                for key in reader.keys():
-                    if select(key):
-                        yield key, reader.get_tensor(key)
-        else:
-            try:  # mmap keeps a large .bin shard out of RAM; legacy (non-zip) files cannot be mapped
-                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:
-                state = torch.load(file, map_location="cpu", weights_only=True)
-            for key in [k for k in state if select(k)]:
-                yield key, state.pop(key)
-            del state
-
-
-# --------------------------------------------------------------------------------------------
 # The module
 # --------------------------------------------------------------------------------------------
 
@@ -413,48 +363,59 @@ class VisionFrontEnd(nn.Module):
         return None
 
     def _load_towers(self, weight_gather: WeightGather | None) -> None:
+        """Stream the towers' tensors in; every missing, unexpected or duplicated tensor is reported
+        (naming it) before anything is copied, a mis-shaped one when it is reached."""
         path = self.info.path
-        own = self.state_dict(keep_vars=True)
-        targets = {name: t for name, t in own.items() if not name.startswith("mapping.")}
+        targets = {n: t for n, t in self.state_dict(keep_vars=True).items() if not n.startswith("mapping.")}
         # Non-persistent buffers (e.g. position_ids) are rebuilt by the constructors; older files may carry them.
         skip = {
             f"{prefix}.{b}" if prefix else b
             for prefix, module in self.named_modules()
             for b in getattr(module, "_non_persistent_buffers_set", ())
         }
-        loaded: set[str] = set()
+        wanted: dict[str, str] = {}  # checkpoint key -> our name
         unexpected: list[str] = []
-        for key, tensor in _iter_checkpoint(path, lambda k: self._checkpoint_name(k) is not None):
+        duplicated: list[str] = []
+        index = checkpoint_index(path)
+        for key in index:
             name = self._checkpoint_name(key)
-            assert name is not None
-            if name in skip:
+            if name is None or name in skip:
                 continue
             if name not in targets:
                 unexpected.append(key)
-                continue
-            if name in loaded:
-                raise ValueError(f"{path}: tensor {key!r} appears in more than one checkpoint file")
-            dst = targets[name]
-            gather = weight_gather([dst]) if weight_gather is not None and isinstance(dst, nn.Parameter) else None
-            with gather if gather is not None else contextlib.nullcontext(), torch.no_grad():
-                if tuple(dst.shape) != tuple(tensor.shape):
-                    raise ValueError(
-                        f"{path}: tensor {key!r} has shape {tuple(tensor.shape)} but the {self.kind.value} "
-                        f"vision tower built from its config.json expects {tuple(dst.shape)}"
-                    )
-                dst.copy_(tensor)
-            loaded.add(name)
-        if unexpected:
-            shown = ", ".join(unexpected[:8]) + (" ..." if len(unexpected) > 8 else "")
-            raise ValueError(
-                f"{path}: {len(unexpected)} unexpected tensor(s) in the {self.kind.value} vision tower: {shown}"
-            )
-        missing = sorted(set(targets) - loaded)
-        if missing:
-            shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
-            raise ValueError(
-                f"{path}: checkpoint lacks {len(missing)} tensor(s) of the {self.kind.value} vision tower: {shown}"
-            )
+            elif name in wanted.values():
+                duplicated.append(key)
+            else:
+                wanted[key] = name
+        # Missing tensors are named as in transformers' Blip2Model / CLIPModel.
+        missing = sorted(n.removesuffix(".weight") if n.startswith("query_tokens.") else n
+                         for n in set(targets) - set(wanted.values()))  # fmt: skip
+        problems = []
+        for what, keys in (("lacks", missing), ("has unexpected", unexpected), ("has duplicated", duplicated)):
+            if keys:
+                shown = ", ".join(sorted(keys)[:8]) + (" ..." if len(keys) > 8 else "")
+                problems.append(f"{what} {len(keys)} tensor(s) of the {self.kind.value} vision tower: {shown}")
+        if problems:
+            raise ValueError(f"{path}: checkpoint " + "; ".join(problems))
+
+        by_file: dict[Path, list[str]] = {}
+        for key in wanted:
+            by_file.setdefault(index[key], []).append(key)
+        bar = tqdm(total=len(wanted), desc=f"loading vision tower {path.name}", unit="tensor", leave=False)
+        for file, keys in by_file.items():
+            for key, tensor in _iter_file(file, keys):
+                dst = targets[wanted[key]]
+                is_param = isinstance(dst, nn.Parameter)
+                gather = weight_gather([dst]) if weight_gather is not None and is_param else contextlib.nullcontext()
+                with gather, torch.no_grad():
+                    if tuple(dst.shape) != tuple(tensor.shape):
+                        raise ValueError(
+                            f"{path}: tensor {key!r} (in {file.name}) has shape {tuple(tensor.shape)} but the "
+                            f"{self.kind.value} vision tower built from its config.json expects {tuple(dst.shape)}"
+                        )
+                    dst.copy_(tensor)
+                bar.update()
+        bar.close()
 
     # ---- compute ---------------------------------------------------------------------------
 

@@ -322,14 +322,23 @@ def test_bad_checkpoints_name_the_tensor(tmp_path, blip2_dir, clip_dir):
         s["query_tokens"] = torch.zeros(1, 5, TINY_QFORMER_HIDDEN)
 
     d = _copy_with_state(bd, tmp_path / "shape", reshape)
-    with pytest.raises(ValueError, match=r"'query_tokens' has shape \(1, 5, 24\) .* expects \(1, 4, 24\)"):
+    bad_shape = r"'query_tokens' \(in model.safetensors\) has shape \(1, 5, 24\) .* expects \(1, 4, 24\)"
+    with pytest.raises(ValueError, match=bad_shape):
         VisionFrontEnd(model_cfg("blip2", d))
 
     def extra(s):
         s["encoder.layers.7.mlp.fc1.weight"] = torch.zeros(2, 2)
 
     d = _copy_with_state(cd, tmp_path / "extra", extra)
-    with pytest.raises(ValueError, match=r"unexpected tensor\(s\) in the clip vision tower: encoder.layers.7"):
+    with pytest.raises(ValueError, match=r"has unexpected 1 tensor\(s\) of the clip vision tower: encoder.layers.7"):
+        VisionFrontEnd(model_cfg("clip", d))
+
+    def both(s):  # every problem in one message
+        s.pop("post_layernorm.bias")
+        extra(s)
+
+    d = _copy_with_state(cd, tmp_path / "both", both)
+    with pytest.raises(ValueError, match=r"lacks 1 tensor\(s\) .*: vision_model.post_layernorm.bias; has unexpected 1"):
         VisionFrontEnd(model_cfg("clip", d))
 
     (tmp_path / "noweights").mkdir()
