@@ -36,12 +36,10 @@ from mks2.data.encode import MAX_LISTED_PROBLEMS, EncodeSettings, encode_shard
 from mks2.data.errors import BadRecord, PretokenizeError
 from mks2.data.formats import KINDS, resolve_fields
 from mks2.data.records import iter_records, resolve_inputs
-from mks2.data.shards import FORMAT_VERSION, SHARD_TEMPLATE, shard_name, write_atomic
+from mks2.data.shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SHARD_TEMPLATE, shard_name, write_atomic
 from mks2.data.tokenizer import Tokenizer, file_sha256, load_tokenizer
 
-MANIFEST_NAME = "manifest.json"
 STATE_DIR = ".pretokenize"
-FORMAT_NAME = "mks2-pretokenized"
 DEFAULT_RECORDS_PER_SHARD = 50_000
 IF_EXISTS = ("refuse", "resume", "overwrite")
 ON_ERROR = ("fail", "skip")

@@ -25,7 +25,9 @@ import pyarrow as pa
 
 from mks2.data.errors import DatasetError
 
+FORMAT_NAME = "mks2-pretokenized"
 FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
 SHARD_TEMPLATE = "shard-{:06d}.arrow"
 # Rows per record batch inside a shard; readers handle any batching.
 BATCH_ROWS = 65536

@@ -1,0 +1,196 @@
+"""Random access over a pretokenized directory (``manifest.json`` + Arrow stream shards).
+
+Opening checks, in order, each failing with a ``DatasetError`` that names the file:
+
+1. the manifest exists (a directory without one is an unfinished or foreign run) and has our format;
+2. every shard exists with the recorded size and row count, and -- unless ``verify_hashes=False``
+   (``data.verify_hashes``) -- the recorded sha256; a flipped byte names the shard;
+3. the tokenizer fingerprint equals the run's tokenizer, the tokenizer's vocabulary fits the model's
+   ``vocab_size``, every token id is below it (scanned with the hashes; else the manifest's recorded
+   maximum), and the image placeholder id matches ``model.vision.image_token_id``.
+
+Shards are memory-mapped (``mks2.data.shards.MappedShard``): ``ds[i]`` returns zero-copy numpy views
+of one row and never reads a whole shard. Every ``release_every`` bytes served, the dataset drops the
+pages it touched from its RSS (they stay in the page cache), so RSS does not grow with the dataset.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mks2.data.errors import DatasetError
+from mks2.data.shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, MappedShard
+from mks2.data.tokenizer import file_sha256, tokenizer_fingerprint
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    d = Path(directory).expanduser()
+    if not d.is_dir():
+        raise DatasetError(f"dataset directory not found: {d}")
+    path = d / MANIFEST_NAME
+    if not path.is_file():
+        hint = " (an unfinished pretokenize run: re-run it with --resume)" if (d / ".pretokenize").exists() else ""
+        raise DatasetError(f"{d}: no {MANIFEST_NAME}, so this is not a complete pretokenized dataset{hint}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"{path}: unreadable manifest ({exc})") from exc
+    if manifest.get("format") != FORMAT_NAME:
+        raise DatasetError(f"{path}: not an mks2 pretokenized dataset (format {manifest.get('format')!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DatasetError(
+            f"{path}: format version {manifest.get('format_version')} but this mks2 reads version {FORMAT_VERSION}; "
+            "re-run tools/pretokenize.py"
+        )
+    for key in ("kind", "shards", "tokenizer", "vocab_size", "image_token_id", "max_token_id"):
+        if key not in manifest:
+            raise DatasetError(f"{path}: manifest lacks {key!r}")
+    return manifest
+
+
+class PretokenizedDataset:
+    """Memory-mapped pretokenized dataset. ``ds[i]`` -> ``{"input_ids": int32 [L], "loss_mask": int8 [L],
+    "image": str | None}`` (numpy views; copy before writing).
+
+    ``tokenizer``: the run's tokenizer path (``data.tokenizer``); its fingerprint must match the
+    manifest's. ``vocab_size``: the model's (``model.vocab_size``). ``image_token_id``: the model's
+    placeholder id. Any of them None skips that check."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        verify_hashes: bool = True,
+        tokenizer: str | Path | None = None,
+        vocab_size: int | None = None,
+        image_token_id: int | None = None,
+        release_every: int = 32 << 20,
+    ):
+        self.path = Path(path).expanduser().resolve()
+        self.manifest = read_manifest(self.path)
+        self.kind: str = self.manifest["kind"]
+        self._verify = verify_hashes
+        self.release_every = release_every
+        self._check_identity(tokenizer, vocab_size, image_token_id)
+        self._open(verify_hashes)
+        if vocab_size is not None and verify_hashes:
+            self._scan_ids(vocab_size)
+        self._served = 0
+
+    # -- opening ------------------------------------------------------------------------------
+
+    def _check_identity(self, tokenizer, vocab_size, image_token_id) -> None:
+        m, where = self.manifest, self.path / MANIFEST_NAME
+        if tokenizer is not None:
+            expected = tokenizer_fingerprint(tokenizer)
+            got = m["tokenizer"]["fingerprint"]
+            if expected != got:
+                raise DatasetError(
+                    f"{self.path}: tokenized with {m['tokenizer'].get('path')} (fingerprint {got}) but this run's "
+                    f"tokenizer {tokenizer} has fingerprint {expected}; re-run tools/pretokenize.py with it"
+                )
+        if vocab_size is not None:
+            if m["vocab_size"] > vocab_size:
+                raise DatasetError(
+                    f"{where}: tokenizer vocabulary has {m['vocab_size']} ids but model.vocab_size is {vocab_size}"
+                )
+            if m["max_token_id"] >= vocab_size:
+                raise DatasetError(f"{where}: token id {m['max_token_id']} >= model.vocab_size {vocab_size}")
+        if image_token_id is not None and m["image_token_id"] != image_token_id:
+            raise DatasetError(
+                f"{where}: image placeholder id {m['image_token_id']} but model.vision.image_token_id is "
+                f"{image_token_id}; re-run pretokenize with --image-token-id {image_token_id}"
+            )
+
+    def _open(self, verify_hashes: bool) -> None:
+        self._shards: list[MappedShard] = []
+        starts = [0]
+        for entry in self.manifest["shards"]:
+            file = self.path / entry["file"]
+            if not file.is_file():
+                raise DatasetError(f"{file}: shard listed in the manifest is missing")
+            size = file.stat().st_size
+            if size != entry["bytes"]:
+                raise DatasetError(f"{file}: {size} bytes but the manifest records {entry['bytes']} (truncated?)")
+            if verify_hashes:
+                digest = file_sha256(file)
+                if digest != entry["sha256"]:
+                    raise DatasetError(
+                        f"{file}: sha256 {digest} does not match the manifest ({entry['sha256']}): the shard is "
+                        "corrupted or was modified; re-create it (or set data.verify_hashes=false to skip this check)"
+                    )
+            shard = MappedShard(file)
+            if shard.num_rows != entry["rows"]:
+                raise DatasetError(f"{file}: {shard.num_rows} rows but the manifest records {entry['rows']}")
+            self._shards.append(shard)
+            starts.append(starts[-1] + shard.num_rows)
+        self._starts = starts
+        self.has_images = any(s.has_image_column for s in self._shards)
+
+    def _scan_ids(self, vocab_size: int) -> None:
+        placeholder = self.manifest["image_token_id"]
+        for shard in self._shards:
+            for values in shard.iter_values():
+                if not len(values):
+                    continue
+                hi, lo = int(values.max()), int(values.min())
+                if hi >= vocab_size or (lo < 0 and np.any((values < 0) & (values != placeholder))):
+                    bad = hi if hi >= vocab_size else int(values[(values < 0) & (values != placeholder)][0])
+                    raise DatasetError(f"{shard.path}: token id {bad} outside [0, model.vocab_size={vocab_size})")
+            shard.release_pages()
+
+    # -- access -------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def _locate(self, i: int) -> tuple[MappedShard, int]:
+        if not 0 <= i < self._starts[-1]:
+            raise IndexError(f"index {i} out of range for {self.path} ({len(self)} samples)")
+        k = bisect.bisect_right(self._starts, i) - 1
+        return self._shards[k], i - self._starts[k]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        shard, j = self._locate(int(i))
+        ids, mask = shard.row(j)
+        if self.release_every:
+            self._served += ids.nbytes + mask.nbytes + 64
+            if self._served >= self.release_every:
+                self.release_pages()
+        return {"input_ids": ids, "loss_mask": mask, "image": shard.image(j) if shard.has_image_column else None}
+
+    def length(self, i: int) -> int:
+        """Tokens of sample ``i`` (the image placeholder counted once)."""
+        shard, j = self._locate(int(i))
+        return shard.length(j)
+
+    def has_image(self, i: int) -> bool:
+        shard, j = self._locate(int(i))
+        return shard.has_image(j)
+
+    def release_pages(self) -> None:
+        self._served = 0
+        for s in self._shards:
+            s.release_pages()
+
+    # -- pickling (spawned DataLoader workers re-open the maps without re-verifying) -----------
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": str(self.path), "release_every": self.release_every}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path = Path(state["path"])
+        self.release_every = state["release_every"]
+        self.manifest = read_manifest(self.path)
+        self.kind = self.manifest["kind"]
+        self._verify = False
+        self._open(verify_hashes=False)
+        self._served = 0
+
+    def __repr__(self) -> str:
+        return f"PretokenizedDataset({str(self.path)!r}, kind={self.kind}, samples={len(self)})"

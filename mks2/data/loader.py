@@ -1,0 +1,205 @@
+"""``build_dataloader``: what the trainer calls to get batches.
+
+Signature::
+
+    build_dataloader(cfg, *, rank, world_size, stage=None, image_processor=None, num_prefix_tokens=0,
+                     consumed_samples=0, state=None, split="train", batch_size=None, num_workers=None)
+        -> MKS2DataLoader
+
+- ``rank``/``world_size``: the DATA-PARALLEL rank and size (pipeline stages of one replica share a rank).
+- ``stage``: ``cfg.model.stage`` by default. ``mvm`` (stage 1) needs caption datasets, no packing, and
+  adds the retrieval view; other stages take any kind.
+- ``image_processor``: a transformers image processor (the vision checkpoint's); required when a
+  dataset holds images. ``num_prefix_tokens``: P, from ``mks2.model.vision.vision_prefix_length``.
+- Resuming: ``state`` (a previous ``loader.state_dict()``) continues exactly; without it
+  ``consumed_samples`` (rows consumed by all ranks together, i.e. steps x global batch) skips that many
+  rows (replaying the row cuts when packing). Either works with a different ``world_size``.
+- ``split``: ``train`` (``data.datasets``: infinite, shuffled, mixed by weight, packed if
+  ``data.packing``) or ``eval`` (``data.eval_datasets``: one ordered pass, one sample per row, padded
+  by repetition so every rank runs the same number of batches).
+
+``MKS2DataLoader`` iterates batches (the contract in ``mks2.data.collate``); ``state_dict()`` is the
+sampler state after the last batch it handed out -- save it with the checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from mks2.config import RunConfig, Stage
+from mks2.data.collate import Collator
+from mks2.data.dataset import PretokenizedDataset
+from mks2.data.errors import DatasetError
+from mks2.data.images import ImageLoader
+from mks2.data.sampler import DistributedSampler, EvalSampler, SampleStream, Unit, UnitStream
+
+
+class RowDataset(torch.utils.data.Dataset):
+    """Map-style dataset whose keys are units ((dataset, index), ...): returns the row's samples with
+    images loaded and processed (runs in DataLoader workers)."""
+
+    def __init__(self, datasets: Sequence[PretokenizedDataset], image_loaders: Sequence[ImageLoader | None]):
+        self.datasets = list(datasets)
+        self.image_loaders = list(image_loaders)
+
+    def __len__(self) -> int:  # not used for sampling; the sampler is infinite
+        return sum(len(d) for d in self.datasets)
+
+    def __getitem__(self, unit: Unit) -> list[dict[str, Any]]:
+        samples = []
+        for d, i in unit:
+            ds = self.datasets[d]
+            s = ds[i]
+            pixels = None
+            if s["image"] is not None:
+                loader = self.image_loaders[d]
+                if loader is None:
+                    raise DatasetError(f"{ds.path} sample {i} has an image but no image processor was given")
+                pixels = loader(s["image"], where=f"{ds.path} sample {i}")
+            samples.append({"input_ids": s["input_ids"], "loss_mask": s["loss_mask"], "pixel_values": pixels})
+        return samples
+
+
+class MKS2DataLoader:
+    """Batches for one data-parallel rank, with an exact, DP-size-independent ``state_dict()``."""
+
+    def __init__(self, loader: DataLoader, sampler: DistributedSampler | EvalSampler, batch_size: int):
+        self.loader = loader
+        self.sampler = sampler
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for batch in self.loader:
+            if isinstance(self.sampler, DistributedSampler):
+                self.sampler.commit(self.batch_size)
+            yield batch
+
+    def __len__(self) -> int:
+        if isinstance(self.sampler, EvalSampler):
+            return len(self.sampler) // self.batch_size
+        raise TypeError("the training loader is infinite")
+
+    def state_dict(self) -> dict[str, Any]:
+        if not isinstance(self.sampler, DistributedSampler):
+            raise TypeError("the eval loader has no resumable state")
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(self.sampler, DistributedSampler):
+            raise TypeError("the eval loader has no resumable state")
+        self.sampler.load_state_dict(state)
+
+
+def _resolve_demo(cfg: RunConfig) -> RunConfig:
+    paths = [s.path for s in (*cfg.data.datasets, *cfg.data.eval_datasets)]
+    if cfg.data.tokenizer == "demo" or any(str(p).startswith("demo:") for p in paths):
+        from mks2.demo import resolve
+
+        return resolve(cfg)
+    return cfg
+
+
+def open_datasets(cfg: RunConfig, split: str, *, verify_hashes: bool | None = None) -> tuple[list, list[float]]:
+    """Open (and check) the datasets of a split; returns (datasets, weights)."""
+    sources = cfg.data.datasets if split == "train" else cfg.data.eval_datasets
+    if not sources:
+        key = "data.datasets" if split == "train" else "data.eval_datasets"
+        raise DatasetError(f"{key} is empty: nothing to load for split {split!r}")
+    verify = cfg.data.verify_hashes if verify_hashes is None else verify_hashes
+    datasets = [
+        PretokenizedDataset(
+            src.path,
+            verify_hashes=verify,
+            tokenizer=cfg.data.tokenizer,
+            vocab_size=cfg.model.vocab_size,
+            image_token_id=cfg.model.vision.image_token_id,
+        )
+        for src in sources
+    ]
+    return datasets, [float(src.weight) for src in sources]
+
+
+def build_dataloader(
+    cfg: RunConfig,
+    *,
+    rank: int,
+    world_size: int,
+    stage: Stage | str | None = None,
+    image_processor: Any = None,
+    num_prefix_tokens: int = 0,
+    consumed_samples: int = 0,
+    state: dict[str, Any] | None = None,
+    split: str = "train",
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+) -> MKS2DataLoader:
+    """See the module docstring."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    cfg = _resolve_demo(cfg)
+    stage = Stage(stage if stage is not None else cfg.model.stage)
+    datasets, weights = open_datasets(cfg, split)
+    seq_len, packing = cfg.data.seq_len, cfg.data.packing and split == "train"
+    retrieval = stage == Stage.MVM
+    if retrieval:
+        wrong = [f"{d.path} ({d.kind})" for d in datasets if d.kind != "caption"]
+        if wrong:
+            raise DatasetError(f"stage mvm trains on caption datasets; got {', '.join(wrong)}")
+        if packing:
+            raise DatasetError(
+                "data.packing=true is not supported in stage mvm: the retrieval objective needs one caption "
+                "(and one image) per row; set data.packing=false"
+            )
+    with_images = [d for d in datasets if d.has_images]
+    if with_images and (image_processor is None or num_prefix_tokens < 1):
+        raise DatasetError(
+            f"{with_images[0].path} holds images: pass the vision checkpoint's image_processor and "
+            f"num_prefix_tokens >= 1 (got {num_prefix_tokens})"
+        )
+    tok = datasets[0].manifest["tokenizer"]
+    collator = Collator(
+        seq_len=seq_len,
+        num_prefix_tokens=num_prefix_tokens,
+        image_token_id=cfg.model.vision.image_token_id,
+        pad_id=tok["pad_id"] if tok.get("pad_id") is not None else 0,
+        eos_id=tok["eos_id"],
+        retrieval=retrieval,
+    )
+    # data.image_root overrides the --image-root each dataset was pretokenized with
+    loaders = [
+        ImageLoader(image_processor, cfg.data.image_root or d.manifest.get("image_root")) if d.has_images else None
+        for d in datasets
+    ]
+    rows = RowDataset(datasets, loaders)
+    B = batch_size or cfg.train.micro_batch_size
+    if split == "train":
+        P = num_prefix_tokens
+
+        def length(d: int, i: int) -> int:
+            return datasets[d].length(i) + (P - 1) * datasets[d].has_image(i) if P else datasets[d].length(i)
+
+        stream = SampleStream([len(d) for d in datasets], weights=weights, seed=cfg.train.seed, shuffle=True)
+        sampler: DistributedSampler | EvalSampler = DistributedSampler(
+            UnitStream(stream, packing=packing, seq_len=seq_len, length=length), rank=rank, world_size=world_size
+        )
+        if state is not None:
+            sampler.load_state_dict(state)
+        elif consumed_samples:
+            sampler.skip_rows(consumed_samples)
+    else:
+        sampler = EvalSampler([len(d) for d in datasets], rank=rank, world_size=world_size, batch_size=B)
+    workers = cfg.data.num_workers if num_workers is None else num_workers
+    loader = DataLoader(
+        rows,
+        batch_size=B,
+        sampler=sampler,  # type: ignore[arg-type]
+        collate_fn=collator,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        drop_last=False,
+    )
+    return MKS2DataLoader(loader, sampler, B)
