@@ -269,3 +269,19 @@ def test_lora_scaling_and_dropout(dirs):
         torch.testing.assert_close(proj(x), manual, atol=1e-6, rtol=0)
         proj.train()
         assert not torch.allclose(proj(x), manual)  # dropout on the adapter input in training
+
+
+def test_activation_checkpointing_gives_identical_gradients(dirs):
+    llama, clip = dirs
+    model = build(llama, "model.stage=mome", "model.mome.router_init_std=0.5", vision_dir=clip).train()
+    randomize_lora_(model)
+    ids = random_ids(2, 12)
+    grads = []
+    for enabled in (False, True):
+        model.zero_grad()
+        model.set_activation_checkpointing(enabled)
+        model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=0)
