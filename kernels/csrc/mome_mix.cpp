@@ -1,14 +1,13 @@
 // Torch binding of the fused soft-MoME token-mixing CUDA kernels: ops torch.ops.mks2_cuda.{mix_fwd, mix_bwd}.
 //
 // Built on demand by mks2_kernels/cuda_mix.py with torch.utils.cpp_extension.load (is_python_module=False).
-// Callers (mks2_kernels/op.py) pass x [T, D], w [E, D], y [E, T, D] and grad_out [T, D] whose last
-// dimension is unit-stride (rows may be strided: no copy); w is made contiguous fp32-or-x.dtype here.
+// Callers (mks2_kernels/cuda_mix.py) pass x [T, D], w [E, D], y [E, T, D] and grad_out [T, D] whose last
+// dimension is unit-stride (rows may be strided: no copy) plus contiguous outputs they allocated;
+// w is made contiguous fp32-or-x.dtype here.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
-
-#include <tuple>
 
 #include "mome_mix.h"
 
@@ -52,63 +51,71 @@ mks2::MixShape shape_of(const at::Tensor& x, const at::Tensor& w, const at::Tens
   return mks2::MixShape{x.size(0), x.size(1), w.size(0), x.stride(0), y.stride(0), y.stride(1)};
 }
 
-std::tuple<at::Tensor, at::Tensor> mix_fwd(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& y) {
+void check_out(const at::Tensor& t, at::IntArrayRef shape, at::ScalarType dtype, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(t.sizes() == shape && t.scalar_type() == dtype && t.is_contiguous() && t.device() == x.device(),
+              "mome_mix cuda backend: output ", name, " must be a contiguous ", dtype, " tensor of shape ", shape,
+              " on ", x.device());
+}
+
+// Outputs are allocated by the caller (cuda_mix.py), so tests can poison them.
+void mix_fwd(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& y, at::Tensor& out, at::Tensor& gates) {
   check_inputs(x, w_in, y);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor w = router_for_kernel(w_in, x);
   const mks2::MixShape s = shape_of(x, w, y);
-  at::Tensor out = at::empty({s.T, s.D}, x.options());
-  at::Tensor gates = at::empty({s.T, s.E}, x.options().dtype(at::kFloat));
-  if (s.T == 0) return {out, gates};
-  check_cuda(mks2::launch_fwd(to_dtype(x), x.data_ptr(), w.data_ptr(), w.scalar_type() == at::kFloat &&
-                                x.scalar_type() != at::kFloat, y.data_ptr(), out.data_ptr(), gates.data_ptr<float>(), s,
-                                c10::cuda::getCurrentCUDAStream().stream()),
-               "forward launch");
-  return {out, gates};
+  check_out(out, {s.T, s.D}, x.scalar_type(), x, "out");
+  check_out(gates, {s.T, s.E}, at::kFloat, x, "gates");
+  if (s.T == 0) return;
+  const bool w_f32 = w.scalar_type() == at::kFloat && x.scalar_type() != at::kFloat;
+  check_cuda(mks2::launch_fwd(to_dtype(x), x.data_ptr(), w.data_ptr(), w_f32, y.data_ptr(), out.data_ptr(),
+                              gates.data_ptr<float>(), s, c10::cuda::getCurrentCUDAStream().stream()),
+             "forward launch");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> mix_bwd(const at::Tensor& grad_out, const at::Tensor& x,
-                                                       const at::Tensor& w_in, const at::Tensor& y,
-                                                       const at::Tensor& gates_in) {
+// dw_part [splits, E, D] fp32 receives per-split dw partials; the caller sums them (deterministic, no atomics).
+void mix_bwd(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& y,
+             const at::Tensor& gates, at::Tensor& dy, at::Tensor& dlogits, at::Tensor& dx, at::Tensor& dw_part) {
   check_inputs(x, w_in, y);
   TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type() && grad_out.stride(1) == 1,
               "mome_mix cuda backend: grad_out must match x with a unit-stride last dim");
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor w = router_for_kernel(w_in, x);
-  const at::Tensor gates = gates_in.to(at::kFloat).contiguous();
   const mks2::MixShape s = shape_of(x, w, y);
+  check_out(gates, {s.T, s.E}, at::kFloat, x, "gates");
+  check_out(dy, {s.E, s.T, s.D}, y.scalar_type(), x, "dy");
+  check_out(dlogits, {s.T, s.E}, at::kFloat, x, "dlogits");
+  check_out(dx, {s.T, s.D}, x.scalar_type(), x, "dx");
+  TORCH_CHECK(dw_part.dim() == 3 && dw_part.size(0) >= 1, "mome_mix cuda backend: dw_part must be [splits, E, D]");
+  check_out(dw_part, {dw_part.size(0), s.E, s.D}, at::kFloat, x, "dw_part");
+  if (s.T == 0) return;
   const bool w_f32 = w.scalar_type() == at::kFloat && x.scalar_type() != at::kFloat;
   const mks2::DType dt = to_dtype(x);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-
-  at::Tensor dy = at::empty({s.E, s.T, s.D}, y.options());
-  at::Tensor dx = at::empty({s.T, s.D}, x.options());
-  if (s.T == 0) return {dx, at::zeros_like(w_in), dy};
-  at::Tensor dlogits = at::empty({s.T, s.E}, x.options().dtype(at::kFloat));
   check_cuda(mks2::launch_bwd_dy(dt, grad_out.data_ptr(), grad_out.stride(0), y.data_ptr(), gates.data_ptr<float>(),
-                                   dy.data_ptr(), dlogits.data_ptr<float>(), s, stream),
-               "backward dy launch");
-
-  int sms = 0;
-  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.device().index()), "device query");
-  const int64_t splits = mks2::dxdw_splits(s.T, s.D, s.E, sms);
-  at::Tensor dw_part = at::empty({splits, s.E, s.D}, x.options().dtype(at::kFloat));
+                                 dy.data_ptr(), dlogits.data_ptr<float>(), s, stream),
+             "backward dy launch");
   check_cuda(mks2::launch_bwd_dxdw(dt, x.data_ptr(), w.data_ptr(), w_f32, dlogits.data_ptr<float>(), dx.data_ptr(),
-                                     dw_part.data_ptr<float>(), splits, s, stream),
-               "backward dx/dw launch");
-  // Deterministic two-stage reduction of the per-split dw partials (fp32), then w's dtype.
-  at::Tensor dw = (splits > 1 ? dw_part.sum(0) : dw_part.select(0, 0)).to(w_in.scalar_type());
-  return {dx, dw, dy};
+                                   dw_part.data_ptr<float>(), dw_part.size(0), s, stream),
+             "backward dx/dw launch");
 }
 
 }  // namespace
 
-TORCH_LIBRARY(mks2_cuda, m) {
-  m.def("mix_fwd(Tensor x, Tensor w, Tensor y) -> (Tensor, Tensor)");
-  m.def("mix_bwd(Tensor grad_out, Tensor x, Tensor w, Tensor y, Tensor gates) -> (Tensor, Tensor, Tensor)");
+// The op namespace is a macro so kernels/tune.py can load differently-configured builds side by side.
+#ifndef MKS2_CUDA_LIB
+#define MKS2_CUDA_LIB mks2_cuda
+#endif
+#define MKS2_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define MKS2_TORCH_LIBRARY_IMPL(ns, k, m) TORCH_LIBRARY_IMPL(ns, k, m)
+
+MKS2_TORCH_LIBRARY(MKS2_CUDA_LIB, m) {
+  m.def("mix_fwd(Tensor x, Tensor w, Tensor y, Tensor(a!) out, Tensor(b!) gates) -> ()");
+  m.def(
+      "mix_bwd(Tensor grad_out, Tensor x, Tensor w, Tensor y, Tensor gates, Tensor(a!) dy, Tensor(b!) dlogits, "
+      "Tensor(c!) dx, Tensor(d!) dw_part) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(mks2_cuda, CUDA, m) {
+MKS2_TORCH_LIBRARY_IMPL(MKS2_CUDA_LIB, CUDA, m) {
   m.impl("mix_fwd", &mix_fwd);
   m.impl("mix_bwd", &mix_bwd);
 }

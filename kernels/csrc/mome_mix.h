@@ -32,10 +32,8 @@ cudaError_t launch_fwd(DType dt, const void* x, const void* w, bool w_f32, const
 cudaError_t launch_bwd_dy(DType dt, const void* grad_out, int64_t sgt, const void* y, const float* gates, void* dy,
                           float* dlogits, MixShape s, cudaStream_t stream);
 
-// Number of token splits launch_bwd_dxdw will use (the caller allocates dw_part [splits, E, D]).
-int64_t dxdw_splits(int64_t T, int64_t D, int64_t E, int num_sms);
-
-// dx = dlogits @ w and dw_part[s] = dlogits[rows of split s]^T @ x[rows of split s] (fp32).
+// dx = dlogits @ w and dw_part[s] = dlogits[rows of split s]^T @ x[rows of split s] (fp32);
+// the T tokens are cut into `splits` equal ranges, one grid row each.
 cudaError_t launch_bwd_dxdw(DType dt, const void* x, const void* w, bool w_f32, const float* dlogits, void* dx,
                             float* dw_part, int64_t splits, MixShape s, cudaStream_t stream);
 

@@ -18,12 +18,28 @@
 
 #include "mome_mix.h"
 
+// Launch shape knobs (compile-time; kernels/tune.py builds variants with -D to compare them).
+#ifndef MKS2_ROW_WARPS
+#define MKS2_ROW_WARPS 4  // warps (= tokens) per block of the row kernels
+#endif
+#ifndef MKS2_ROW_UNROLL
+#define MKS2_ROW_UNROLL 2  // column steps in flight per warp
+#endif
+#ifndef MKS2_COL_THREADS
+#define MKS2_COL_THREADS 128  // threads per block of the dx/dw kernel
+#endif
+#ifndef MKS2_COL_UNROLL
+#define MKS2_COL_UNROLL 4  // tokens in flight per thread of the dx/dw kernel
+#endif
+#define MKS2_PRAGMA(x) _Pragma(#x)
+#define MKS2_UNROLL(n) MKS2_PRAGMA(unroll n)
+
 namespace mks2 {
 namespace {
 
 constexpr int kWarp = 32;
-constexpr int kRowThreads = 128;  // 4 warps = 4 tokens per block for the row kernels
-constexpr int kColThreads = 128;  // threads per block of the dx/dw kernel
+constexpr int kRowThreads = MKS2_ROW_WARPS * kWarp;
+constexpr int kColThreads = MKS2_COL_THREADS;
 
 __device__ __forceinline__ float to_f(float v) { return v; }
 __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
@@ -123,7 +139,7 @@ __global__ void __launch_bounds__(kRowThreads) fwd_kernel(const T* __restrict__ 
     float acc[EG];
 #pragma unroll
     for (int j = 0; j < EG; ++j) acc[j] = 0.f;
-#pragma unroll 2
+    MKS2_UNROLL(MKS2_ROW_UNROLL)
     for (int64_t c = lane * VEC; c < s.D; c += kWarp * VEC) {
       float xv[VEC];
       load_vec<T, VEC>(xr + c, xv);
@@ -167,7 +183,7 @@ __global__ void __launch_bounds__(kRowThreads) fwd_kernel(const T* __restrict__ 
   // Pass 2: out[t] = sum_e g[e] y[e, t].
   const T* yr = y + t * s.syt;
   T* orow = out + t * s.D;
-#pragma unroll 2
+  MKS2_UNROLL(MKS2_ROW_UNROLL)
   for (int64_t c = lane * VEC; c < s.D; c += kWarp * VEC) {
     float acc[VEC];
 #pragma unroll
@@ -212,7 +228,7 @@ __global__ void __launch_bounds__(kRowThreads)
       acc[j] = 0.f;
       ge[j] = e0 + j < s.E ? g[e0 + j] : 0.f;
     }
-#pragma unroll 2
+    MKS2_UNROLL(MKS2_ROW_UNROLL)
     for (int64_t c = lane * VEC; c < s.D; c += kWarp * VEC) {
       float gv[VEC];
       load_vec<T, VEC>(gr + c, gv);
@@ -267,7 +283,7 @@ __global__ void __launch_bounds__(kColThreads)
 #pragma unroll
       for (int k = 0; k < VEC; ++k) dwa[j][k] = 0.f;
     }
-#pragma unroll 4
+    MKS2_UNROLL(MKS2_COL_UNROLL)
     for (int64_t t = t0; t < t1; ++t) {
       float xv[VEC], dlv[EG];
       load_vec<T, VEC>(x + t * s.sxt + c, xv);
@@ -376,16 +392,6 @@ cudaError_t launch_bwd_dy(DType dt, const void* grad_out, int64_t sgt, const voi
         static_cast<const T*>(grad_out), sgt, static_cast<const T*>(y), gates, static_cast<T*>(dy), dlogits, s);
     return cudaGetLastError();
   });
-}
-
-int64_t dxdw_splits(int64_t T, int64_t D, int64_t E, int num_sms) {
-  (void)E;
-  const int64_t cols_per_block = kColThreads * 8;  // the bf16/fp16 vector path; a guide, not a constraint
-  const int64_t col_blocks = (D + cols_per_block - 1) / cols_per_block;
-  const int64_t want = (4LL * num_sms + col_blocks - 1) / col_blocks;  // ~4 blocks per SM
-  const int64_t max_splits = (T + 15) / 16;                              // >= 16 tokens per split
-  int64_t splits = want < max_splits ? want : max_splits;
-  return splits < 1 ? 1 : splits;
 }
 
 cudaError_t launch_bwd_dxdw(DType dt, const void* x, const void* w, bool w_f32, const float* dlogits, void* dx,
