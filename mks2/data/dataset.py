@@ -10,14 +10,18 @@ Opening checks, in order, each failing with a ``DatasetError`` that names the fi
    maximum), and the image placeholder id matches ``model.vision.image_token_id``.
 
 Shards are memory-mapped (``mks2.data.shards.MappedShard``): ``ds[i]`` returns zero-copy numpy views
-of one row and never reads a whole shard. Every ``release_every`` bytes served, the dataset drops the
-pages it touched from its RSS (they stay in the page cache), so RSS does not grow with the dataset.
+of one row and never reads a whole shard. Pages of a file mapping that a process touched count in its
+RSS (though they are shared, reclaimable page cache), and one fault can map much more than the row
+(fault-around, large folios). So the dataset watches its resident shared pages and, once they grew
+by ``release_every`` bytes, drops its mappings' pages from its RSS with ``MADV_DONTNEED``; the page
+cache keeps them, and RSS does not grow with the dataset.
 """
 
 from __future__ import annotations
 
 import bisect
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +57,31 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     return manifest
 
 
+class _MappedResidency:
+    """Resident file-backed/shared pages of this process (``/proc/self/statm`` field 3), read cheaply
+    with ``pread`` on a kept descriptor. A page fault on a file mapping can map far more than the bytes
+    read (fault-around, large page-cache folios), so RSS growth is measured, not estimated."""
+
+    def __init__(self) -> None:
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        try:
+            self._fd: int | None = os.open("/proc/self/statm", os.O_RDONLY)
+        except OSError:
+            self._fd = None
+
+    def shared_bytes(self) -> int | None:
+        if self._fd is None:
+            return None
+        return int(os.pread(self._fd, 128, 0).split()[2]) * self._page
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+
+_CHECK_EVERY = 8  # accesses between residency checks (a check costs ~3 us; one access can map ~1 MB)
+
+
 class PretokenizedDataset:
     """Memory-mapped pretokenized dataset. ``ds[i]`` -> ``{"input_ids": int32 [L], "loss_mask": int8 [L],
     "image": str | None}`` (numpy views; copy before writing).
@@ -80,7 +109,12 @@ class PretokenizedDataset:
         self._open(verify_hashes)
         if vocab_size is not None and verify_hashes:
             self._scan_ids(vocab_size)
-        self._served = 0
+        self._start_metering()
+
+    def _start_metering(self) -> None:
+        self._meter = _MappedResidency()
+        self._accesses = self._fallback = 0
+        self._baseline = self._meter.shared_bytes() or 0
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -125,6 +159,8 @@ class PretokenizedDataset:
                         "corrupted or was modified; re-create it (or set data.verify_hashes=false to skip this check)"
                     )
             shard = MappedShard(file)
+            if verify_hashes:
+                shard.check_offsets()
             if shard.num_rows != entry["rows"]:
                 raise DatasetError(f"{file}: {shard.num_rows} rows but the manifest records {entry['rows']}")
             self._shards.append(shard)
@@ -159,9 +195,9 @@ class PretokenizedDataset:
         shard, j = self._locate(int(i))
         ids, mask = shard.row(j)
         if self.release_every:
-            self._served += ids.nbytes + mask.nbytes + 64
-            if self._served >= self.release_every:
-                self.release_pages()
+            self._accesses += 1
+            if self._accesses >= _CHECK_EVERY:
+                self._check_residency()
         return {"input_ids": ids, "loss_mask": mask, "image": shard.image(j) if shard.has_image_column else None}
 
     def length(self, i: int) -> int:
@@ -173,10 +209,24 @@ class PretokenizedDataset:
         shard, j = self._locate(int(i))
         return shard.has_image(j)
 
+    def _check_residency(self) -> None:
+        self._accesses = 0
+        now = self._meter.shared_bytes()
+        if now is None:  # no /proc: release on a fixed access count instead
+            self._fallback += _CHECK_EVERY
+            if self._fallback * 256 << 10 >= self.release_every:
+                self._fallback = 0
+                self.release_pages()
+        elif now - self._baseline >= self.release_every:
+            self.release_pages()
+        elif now < self._baseline:  # something else unmapped pages
+            self._baseline = now
+
     def release_pages(self) -> None:
-        self._served = 0
+        """Drop this process's resident pages of every shard mapping (the page cache keeps them)."""
         for s in self._shards:
             s.release_pages()
+        self._baseline = self._meter.shared_bytes() or 0
 
     # -- pickling (spawned DataLoader workers re-open the maps without re-verifying) -----------
 
@@ -190,7 +240,7 @@ class PretokenizedDataset:
         self.kind = self.manifest["kind"]
         self._verify = False
         self._open(verify_hashes=False)
-        self._served = 0
+        self._start_metering()
 
     def __repr__(self) -> str:
         return f"PretokenizedDataset({str(self.path)!r}, kind={self.kind}, samples={len(self)})"
