@@ -28,13 +28,15 @@ class RetrievalHead(nn.Module):
     def __init__(self, hidden_size: int, vision_dim: int, *, init_temperature: float = 0.07, max_scale: float = 100.0):
         super().__init__()
         self.proj = nn.Linear(hidden_size, vision_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))  # scalar
+        # Shape [1], not 0-dim: DeepSpeed's zero.Init cannot partition a 0-dim parameter (it broadcasts
+        # ``param.view(torch.uint8)``, which a 0-dim tensor refuses); scale() still returns a 0-dim value.
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)))
         self.max_scale = max_scale
 
     def scale(self) -> torch.Tensor:
         """exp(logit_scale) clamped at ``max_scale`` (0-dim, fp32). Above the clamp the gradient to
         ``logit_scale`` is zero, so it stops growing."""
-        return self.logit_scale.float().exp().clamp(max=self.max_scale)
+        return self.logit_scale.float().exp().clamp(max=self.max_scale).reshape(())
 
     def encode_text(self, hidden_states: torch.Tensor, eos_index: torch.Tensor) -> torch.Tensor:
         """hidden_states [B, S, D] (final-norm output), eos_index [B] -> [B, vision_dim] unit vectors (fp32)."""
