@@ -191,18 +191,22 @@ class PretokenizedDataset:
         k = bisect.bisect_right(self._starts, i) - 1
         return self._shards[k], i - self._starts[k]
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        shard, j = self._locate(int(i))
-        ids, mask = shard.row(j)
+    def _touch(self) -> None:
         if self.release_every:
             self._accesses += 1
             if self._accesses >= _CHECK_EVERY:
                 self._check_residency()
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        shard, j = self._locate(int(i))
+        ids, mask = shard.row(j)
+        self._touch()
         return {"input_ids": ids, "loss_mask": mask, "image": shard.image(j) if shard.has_image_column else None}
 
     def length(self, i: int) -> int:
         """Tokens of sample ``i`` (the image placeholder counted once)."""
         shard, j = self._locate(int(i))
+        self._touch()
         return shard.length(j)
 
     def has_image(self, i: int) -> bool:

@@ -120,6 +120,14 @@ def open_datasets(cfg: RunConfig, split: str, *, verify_hashes: bool | None = No
         )
         for src in sources
     ]
+    template = getattr(cfg.data.chat_template, "value", cfg.data.chat_template)
+    for d in datasets:
+        built_with = d.manifest.get("params", {}).get("chat_template")
+        if built_with is not None and built_with != template:
+            raise DatasetError(
+                f"{d.path} was pretokenized with chat template {built_with} but data.chat_template is {template}; "
+                "prompts at evaluation would not match training (re-run pretokenize or set data.chat_template)"
+            )
     return datasets, [float(src.weight) for src in sources]
 
 
@@ -200,6 +208,7 @@ def build_dataloader(
         collate_fn=collator,
         num_workers=workers,
         persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
         drop_last=False,
     )
     return MKS2DataLoader(loader, sampler, B)

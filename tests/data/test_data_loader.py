@@ -158,3 +158,11 @@ def test_configuration_errors(corpora, sp_model, tmp_path):
     small_vocab.model.vocab_size = 100
     with pytest.raises(DatasetError, match="model.vocab_size is 100"):
         build_dataloader(small_vocab, rank=0, world_size=1)
+
+
+def test_chat_template_must_match(corpora, sp_model):
+    cfg = run_config([str(corpora / "llava")], tokenizer=str(sp_model), chat_template="vicuna_v1")
+    with pytest.raises(
+        DatasetError, match="pretokenized with chat template llama2 but data.chat_template is vicuna_v1"
+    ):
+        build_dataloader(cfg, rank=0, world_size=1, image_processor=_processor(), num_prefix_tokens=P)
