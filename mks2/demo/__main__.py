@@ -1,0 +1,37 @@
+"""``python -m mks2.demo [--cache-dir DIR] [--chat-template T] [--json]``: build the demo world (if needed)
+and print where everything is."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from mks2.config import DataConfig
+from mks2.demo.build import CHAT_TEMPLATES, ensure_built
+from mks2.demo.resolve import NAMES, demo_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mks2.demo", description=__doc__)
+    ap.add_argument("--cache-dir", default=DataConfig().cache_dir, help="where to build (default: %(default)s)")
+    ap.add_argument("--chat-template", default="llama2", choices=CHAT_TEMPLATES, help="of the instruction shards")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    root, built = ensure_built(args.cache_dir, progress=not args.quiet)
+    paths = {name: demo_path(root, name, chat_template=args.chat_template) for name in NAMES}
+    if args.json:
+        print(json.dumps({"root": str(root), "built": built, "paths": paths}, indent=2))
+    else:
+        print(f"demo world {'built' if built else 'already built'} at {root}")
+        width = max(len(n) for n in NAMES) + 5
+        for name, path in paths.items():
+            print(f"  {'demo:' + name:<{width}} {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
