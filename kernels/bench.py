@@ -90,6 +90,9 @@ def copy_bandwidth(device: torch.device, timer, quick: bool) -> float:
 
 
 def git_commit() -> str:
+    """HEAD of the repository (+dirty if kernels/ has changes); $MKS2_BENCH_COMMIT when there is no .git."""
+    if os.environ.get("MKS2_BENCH_COMMIT"):
+        return os.environ["MKS2_BENCH_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "kernels"], cwd=REPO, capture_output=True, text=True)
@@ -471,8 +474,9 @@ def main(argv: list[str] | None = None) -> int:
           f"commit {meta['git_commit']} | copy bandwidth {meta['copy_bw_gbps']:.0f} GB/s", flush=True)  # fmt: skip
     if "note" in meta:
         print(f"*** {meta['note']} ***", flush=True)
-    rows = run_mix(args, device, timer, meta["copy_bw_gbps"], meta, args.out)
+    write_json(args.out / "meta.json", meta)  # early, so a run cut short still says what it was
     block_rows = run_block(args, device, timer, meta, args.out) if args.block_d else []
+    rows = run_mix(args, device, timer, meta["copy_bw_gbps"], meta, args.out)
     meta["targets"] = target_checks(rows, block_rows, args.dtype) if device.type == "cuda" else []
     if rows:
         plot(rows, meta, args.out / "mix.png")
