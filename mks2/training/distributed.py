@@ -1,0 +1,130 @@
+"""Process-group start-up for every launcher, and the collectives the training losses need.
+
+``init_distributed`` works under ``deepspeed``, ``torchrun`` (env vars already set), ``mpirun``
+(mpi4py discovery inside DeepSpeed) and Slurm's ``srun`` (SLURM_* variables mapped to the torch
+ones), and for a plain ``python script.py`` (a world of one). On a machine without a GPU DeepSpeed
+selects its CPU accelerator and we use gloo.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+# Variables that show the process was started by an MPI launcher (Open MPI, MPICH/Intel MPI/PMI).
+_MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
+_TORCH_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
+
+
+def _first_slurm_host() -> str:
+    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        # scontrol missing: a single-node allocation is the only case we can still resolve safely.
+        return os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1")
+
+
+def map_slurm_env() -> bool:
+    """Under ``srun`` without an MPI launcher, derive RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from the
+    SLURM_* variables so no mpi4py is needed. Returns True when it set them."""
+    if all(v in os.environ for v in _TORCH_ENV) or any(v in os.environ for v in _MPI_RANK_VARS):
+        return False
+    if "SLURM_PROCID" not in os.environ or "SLURM_NTASKS" not in os.environ:
+        return False
+    os.environ.setdefault("RANK", os.environ["SLURM_PROCID"])
+    os.environ.setdefault("WORLD_SIZE", os.environ["SLURM_NTASKS"])
+    os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+    os.environ.setdefault("MASTER_ADDR", _first_slurm_host())
+    # A per-job port keeps two jobs sharing a node apart.
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+    return True
+
+
+def _skip_cpu_shm_build() -> None:
+    """DeepSpeed JIT-compiles a shared-memory all-reduce op (about 100 s) when its CPU backend starts.
+    That op serves only ``inference_all_reduce``; training collectives go through gloo. Skip the build
+    unless ``MKS2_CPU_SHM_COMM=1`` asks for it."""
+    if os.environ.get("MKS2_CPU_SHM_COMM") == "1":
+        return
+    import importlib
+
+    # importlib, not ``import deepspeed.comm.torch as m``: the package attribute ``torch`` there is torch itself.
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    if hasattr(ds_torch_comm, "build_shm_op"):
+        ds_torch_comm.build_shm_op = lambda: None
+
+
+def init_distributed(timeout_minutes: float = 30.0) -> None:
+    """Start torch.distributed through DeepSpeed for whichever launcher started us (idempotent)."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    accelerator = get_accelerator()
+    backend = accelerator.communication_backend_name()
+    if accelerator.device_name() == "cpu":
+        backend = "gloo"
+        _skip_cpu_shm_build()
+    map_slurm_env()
+    deepspeed.init_distributed(
+        dist_backend=backend, auto_mpi_discovery=True, timeout=timedelta(minutes=timeout_minutes), verbose=False
+    )
+    if accelerator.device_name() != "cpu":
+        accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward hands each rank the gradient of ITS OWN rows, summed
+    over every rank's loss (each rank's loss depends on every rank's rows through the negatives)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:  # x: [B, D] -> [W*B, D]
+        ctx.group = group
+        ctx.rows = x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # grad: [W*B, D]
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        me = dist.get_rank(ctx.group)
+        return grad[me * ctx.rows : (me + 1) * ctx.rows], None
+
+
+def all_gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Concatenate ``x`` [B, ...] from every rank of ``group`` along dim 0, gradient-correct.
+    Every rank must pass the same B. A world of one returns ``x`` unchanged."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return x
+    return _GatherWithGrad.apply(x, group)
+
+
+def all_gather_no_grad(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Plain all-gather along dim 0 for tensors without gradient (frozen image embeddings)."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=0)

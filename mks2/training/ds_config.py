@@ -1,0 +1,127 @@
+"""DeepSpeed config: the JSON template (engine-only knobs) filled with the values our run config owns.
+
+The template (``ds_configs/<mode>.json`` or ``parallel.ds_config``) holds what only DeepSpeed knows
+about: bucket sizes, prefetching, loss-scaler tuning, pipeline partitioning. Every value that
+duplicates the run config -- batch sizes, accumulation, optimizer hyper-parameters, precision,
+clipping, ZeRO stage and offload, TensorBoard -- is written here from the run config, so the two can
+never disagree; a template value that differs is overwritten and reported in the returned notes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from mks2.config import REPO_ROOT, ConfigError, Offload, ParallelMode, Precision, RunConfig, grad_accumulation_steps
+
+DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
+
+
+def template_path(cfg: RunConfig) -> Path:
+    """The JSON template a run uses: ``parallel.ds_config`` or the mode's default."""
+    par = cfg.parallel
+    if par.ds_config:
+        return Path(par.ds_config).expanduser()
+    if par.mode == ParallelMode.PIPELINE:
+        return DS_CONFIG_DIR / "pipeline.json"
+    return DS_CONFIG_DIR / ("zero3_offload.json" if par.offload != Offload.NONE else "zero3.json")
+
+
+def load_template(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError([f"parallel.ds_config: DeepSpeed template not found: {path}"])
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError([f"parallel.ds_config: {path}: invalid JSON at line {exc.lineno}: {exc.msg}"]) from exc
+    if not isinstance(data, dict):
+        raise ConfigError([f"parallel.ds_config: {path}: top level must be a JSON object"])
+    return data
+
+
+def zero_stage(cfg: RunConfig) -> int:
+    if cfg.parallel.zero_stage is not None:
+        return int(cfg.parallel.zero_stage)
+    return 1 if cfg.parallel.mode == ParallelMode.PIPELINE else 3
+
+
+def build_ds_config(
+    cfg: RunConfig, *, data_parallel_size: int, use_torch_adam: bool
+) -> tuple[dict[str, Any], list[str]]:
+    """Return (DeepSpeed config dict, notes on template values that were overwritten).
+
+    use_torch_adam: build ``torch.optim.AdamW`` instead of DeepSpeed's fused/CPU Adam (no JIT
+    compilation; what the CPU path uses when nothing is offloaded).
+    """
+    path = template_path(cfg)
+    ds = copy.deepcopy(load_template(path))
+    notes: list[str] = []
+    t, par = cfg.train, cfg.parallel
+
+    def put(section: dict, key: str, value: Any, where: str) -> None:
+        if key in section and section[key] != value:
+            notes.append(f"{path.name}: {where}={section[key]!r} replaced by {value!r} from the run config")
+        section[key] = value
+
+    put(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, "train_micro_batch_size_per_gpu")
+    put(
+        ds,
+        "gradient_accumulation_steps",
+        grad_accumulation_steps(cfg, data_parallel_size),
+        "gradient_accumulation_steps",
+    )
+    put(ds, "train_batch_size", t.global_batch_size, "train_batch_size")
+    put(ds, "gradient_clipping", float(t.grad_clip), "gradient_clipping")
+
+    opt_params: dict[str, Any] = {
+        "lr": float(t.lr),
+        "betas": [float(t.adam_beta1), float(t.adam_beta2)],
+        "eps": float(t.adam_eps),
+        "weight_decay": float(t.weight_decay),
+    }
+    if use_torch_adam:
+        opt_params["torch_adam"] = True
+    old_opt = ds.get("optimizer", {})
+    for key, value in opt_params.items():
+        old = old_opt.get("params", {}).get(key)
+        if old is not None and old != value:
+            notes.append(f"{path.name}: optimizer.params.{key}={old!r} replaced by {value!r} from the run config")
+    ds["optimizer"] = {"type": "AdamW", "params": {**old_opt.get("params", {}), **opt_params}}
+    if "scheduler" in ds:
+        notes.append(f"{path.name}: 'scheduler' removed: the schedule is train.warmup_steps/lr/min_lr/max_steps")
+        del ds["scheduler"]
+
+    for name, on in (("bf16", t.precision == Precision.BF16), ("fp16", t.precision == Precision.FP16)):
+        section = ds.setdefault(name, {})
+        put(section, "enabled", on, f"{name}.enabled")
+
+    zero = ds.setdefault("zero_optimization", {})
+    put(zero, "stage", zero_stage(cfg), "zero_optimization.stage")
+    if par.offload == Offload.NONE:
+        for key in ("offload_optimizer", "offload_param"):
+            if key in zero and zero[key].get("device", "none") != "none":
+                notes.append(f"{path.name}: zero_optimization.{key} dropped: parallel.offload=none")
+                zero.pop(key)
+    else:
+        for key in ("offload_optimizer", "offload_param"):
+            section = zero.setdefault(key, {})
+            put(section, "device", par.offload.value, f"zero_optimization.{key}.device")
+            if par.offload == Offload.NVME:
+                put(section, "nvme_path", par.nvme_path, f"zero_optimization.{key}.nvme_path")
+
+    if par.mode == ParallelMode.PIPELINE:
+        pipe = ds.setdefault("pipeline", {})
+        put(
+            pipe,
+            "activation_checkpoint_interval",
+            1 if t.activation_checkpointing else 0,
+            "pipeline.activation_checkpoint_interval",
+        )
+
+    tb = ds.setdefault("tensorboard", {})
+    put(tb, "enabled", bool(t.tensorboard), "tensorboard.enabled")
+    put(tb, "output_path", str(Path(t.save_dir) / "tensorboard"), "tensorboard.output_path")
+    tb.setdefault("job_name", f"stage_{cfg.model.stage.value}")
+    return ds, notes

@@ -1,0 +1,247 @@
+"""Engine construction: the ONE place that wraps the model with DeepSpeed.
+
+``build_engine(cfg, task)`` returns a :class:`TrainingEngine` for either parallel mode:
+
+- ``zero3``: the model is built under ``deepspeed.zero.Init`` (parameters partitioned as each module
+  is constructed; HF weights streamed in through ``GatheredParameters``), wrapped in the stage's
+  objective module, and handed to ``deepspeed.initialize`` with only the trainable parameters.
+- ``pipeline``: the full model is built on every rank with the same seed (so initialisation is
+  identical to zero3 mode), split into the stage's LayerSpecs, and each rank keeps only its pipeline
+  stage's layers; ZeRO-1 across the data-parallel replicas.
+
+In both modes the frozen vision towers stay OUT of the engine (``FrozenVision``, replicated), and
+the optimizer (AdamW; ``torch.optim.AdamW`` on CPU so nothing is JIT-compiled) and our own
+warmup + cosine LambdaLR are built by DeepSpeed from the filled-in config (``ds_config.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mks2.config import Offload, ParallelMode, Precision, RunConfig, to_dict
+from mks2.training import distributed
+from mks2.training.ds_config import build_ds_config, zero_stage
+from mks2.training.frozen_vision import FrozenVision
+from mks2.training.schedule import build_scheduler
+from mks2.training.task import StageTask
+
+log = logging.getLogger("mks2.training")
+
+_DTYPES = {Precision.FP32: torch.float32, Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
+
+
+@dataclass
+class TrainingEngine:
+    """A built DeepSpeed engine plus what the loop needs to drive it."""
+
+    engine: Any  # deepspeed DeepSpeedEngine (zero3) or PipelineEngine (pipeline)
+    mode: ParallelMode
+    device: torch.device
+    vision: FrozenVision
+    dp_rank: int
+    dp_size: int
+    dp_group: Any
+    pp_stage: int = 0
+    pp_stages: int = 1
+    ds_config: dict[str, Any] = field(default_factory=dict)
+    summary: str = ""
+    resolved_config: dict[str, Any] = field(default_factory=dict)
+    llm_params: int = 0  # all LLM parameters (vision towers excluded), for the FLOPs estimate
+    trainable_params: int = 0
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_stage == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_stage == self.pp_stages - 1
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return int(self.ds_config["gradient_accumulation_steps"])
+
+
+def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters only; no weight decay on 1-d tensors (norm scales, biases, logit scale)."""
+    decay, no_decay = [], []
+    for _, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def _numel(p: nn.Parameter) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+def _count(model: nn.Module) -> tuple[int, int]:
+    """(LLM parameters incl. frozen, trainable parameters); vision towers excluded from the first."""
+    total = trainable = 0
+    for name, p in model.named_parameters():
+        if name.startswith("vision.") and not name.startswith("vision.mapping."):
+            continue
+        total += _numel(p)
+        trainable += _numel(p) if p.requires_grad else 0
+    return total, trainable
+
+
+def _device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+def build_engine(cfg: RunConfig, task: StageTask) -> TrainingEngine:
+    """Build the model, the frozen vision side and the DeepSpeed engine for ``cfg.parallel.mode``.
+    Expects ``distributed.init_distributed()`` and the world-size checks to have run."""
+    from deepspeed.accelerator import get_accelerator
+
+    world = distributed.world_size()
+    stages = cfg.parallel.pipeline_stages if cfg.parallel.mode == ParallelMode.PIPELINE else 1
+    dp_size = world // stages
+    on_cpu = get_accelerator().device_name() == "cpu"
+    ds_config, notes = build_ds_config(
+        cfg, data_parallel_size=dp_size, use_torch_adam=on_cpu and cfg.parallel.offload == Offload.NONE
+    )
+    if distributed.rank() == 0:
+        for note in notes:
+            log.warning(note)
+    dtype = _DTYPES[cfg.train.precision]
+    torch.manual_seed(cfg.train.seed)  # identical initialisation in both modes and on every rank
+    if cfg.parallel.mode == ParallelMode.PIPELINE:
+        return _build_pipeline(cfg, task, ds_config, dtype, stages)
+    return _build_zero3(cfg, task, ds_config, dtype)
+
+
+def _preimport_for_zero_init() -> None:
+    """zero.Init patches tensor construction (``torch.Tensor.__new__``) while it is active; a module
+    imported for the first time inside it (transformers' vision models import torch._dynamo) then
+    fails at import. Import them before entering."""
+    import torch._dynamo  # noqa: F401
+    from transformers import Blip2QFormerModel, Blip2VisionModel, CLIPVisionModel  # noqa: F401
+
+
+def _build_zero3(cfg: RunConfig, task: StageTask, ds_config: dict, dtype: torch.dtype) -> TrainingEngine:
+    import deepspeed
+
+    from mks2.model import parameter_summary
+
+    def gather(params):
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+    _preimport_for_zero_init()
+    # dtype=None: zero.Init then takes it from the config's bf16/fp16 flags (set from train.precision).
+    # Passing a dtype explicitly hits an operator-precedence slip in DeepSpeed 0.19 that picks bf16 on CPU.
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_stage(cfg) == 3, dtype=None):
+        model = task.build_model(cfg, weight_gather=gather)
+    model.set_activation_checkpointing(bool(cfg.train.activation_checkpointing))
+    summary = parameter_summary(model)
+    llm_params, trainable = _count(model)
+    resolved = to_dict(cfg)  # after build_model: architecture fields read from model.init_from
+    device = _device()
+    vision = FrozenVision.build(cfg.model, device, dtype)
+
+    objective = task.objective(model)
+    for param in task.external_parameters(model):
+        deepspeed.zero.register_external_parameter(objective, param)
+    engine, _, _, _ = deepspeed.initialize(
+        model=objective,
+        model_parameters=_param_groups(objective, cfg.train.weight_decay),
+        config=ds_config,
+        lr_scheduler=lambda opt: build_scheduler(opt, cfg.train),
+        dist_init_required=False,
+    )
+    dp_group = None if distributed.world_size() == 1 else dist.group.WORLD
+    task.dp_group = dp_group
+    return TrainingEngine(
+        engine=engine,
+        mode=ParallelMode.ZERO3,
+        device=device,
+        vision=vision,
+        dp_rank=distributed.rank(),
+        dp_size=distributed.world_size(),
+        dp_group=dp_group,
+        ds_config=ds_config,
+        summary=summary,
+        resolved_config=resolved,
+        llm_params=llm_params,
+        trainable_params=trainable,
+    )
+
+
+def _build_pipeline(
+    cfg: RunConfig, task: StageTask, ds_config: dict, dtype: torch.dtype, stages: int
+) -> TrainingEngine:
+    import deepspeed
+    from deepspeed.pipe import PipelineModule
+
+    from mks2.model import parameter_summary
+
+    if cfg.model.tie_word_embeddings:
+        from mks2.config import ConfigError
+
+        raise ConfigError(["model.tie_word_embeddings=true is not supported with parallel.mode=pipeline"])
+    model = task.build_model(cfg)  # full model on every rank, same seed as zero3 mode
+    summary = parameter_summary(model)
+    llm_params, trainable = _count(model)
+    resolved = to_dict(cfg)
+    device = _device()
+    vision = FrozenVision(model.vision, device, dtype)
+    spec = task.pipeline(model)
+    pipe_cfg = ds_config.get("pipeline", {})
+    interval = int(pipe_cfg.get("activation_checkpoint_interval", 0))
+    module = PipelineModule(
+        layers=spec.layers,
+        num_stages=stages,
+        loss_fn=spec.loss_fn,
+        partition_method=pipe_cfg.get("partition", "type:DecoderLayerPipe"),
+        activation_checkpoint_interval=interval,
+        checkpointable_layers=spec.checkpointable_layers,
+        dynamic_shape=True,
+    )
+    source = getattr(task, "_source", None)
+    if source is not None:
+        source.release()  # other stages' layers are freed once ``model`` goes out of scope
+    del model
+    groups = _param_groups(module, cfg.train.weight_decay)
+    if not groups:
+        from mks2.config import ConfigError
+
+        raise ConfigError(
+            [f"pipeline stage {module.stage_id} holds no trainable parameter; use fewer parallel.pipeline_stages"]
+        )
+    engine, _, _, _ = deepspeed.initialize(
+        model=module,
+        model_parameters=groups,
+        config=ds_config,
+        lr_scheduler=lambda opt: build_scheduler(opt, cfg.train),
+        dist_init_required=False,
+    )
+    grid = engine.grid
+    dp_group = grid.get_data_parallel_group() if grid.get_data_parallel_world_size() > 1 else None
+    task.dp_group = dp_group
+    return TrainingEngine(
+        engine=engine,
+        mode=ParallelMode.PIPELINE,
+        device=device,
+        vision=vision,
+        dp_rank=grid.get_data_parallel_rank(),
+        dp_size=grid.get_data_parallel_world_size(),
+        dp_group=dp_group,
+        pp_stage=engine.stage_id,
+        pp_stages=engine.num_stages,
+        ds_config=ds_config,
+        summary=summary,
+        resolved_config=resolved,
+        llm_params=llm_params,
+        trainable_params=trainable,
+    )

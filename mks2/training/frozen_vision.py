@@ -1,0 +1,45 @@
+"""The frozen vision towers, run OUTSIDE the DeepSpeed engine (DESIGN §2 trap).
+
+Under ZeRO-3 every rank must call the same partitioned modules the same number of times; a
+partitioned vision tower would also be all-gathered on every step for a module that never trains.
+So each rank keeps a plain, replicated, frozen copy of the towers and computes, per micro-batch,
+the prefix features (fed to the trainable ``mapping`` inside the engine as ``vision_features``) and
+the pooled CLS embedding (the stage-1 retrieval target). No gradient ever flows here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mks2.model.vision import VisionEncoding, VisionFrontEnd
+
+
+class FrozenVision:
+    """Replicated frozen towers of a ``VisionFrontEnd`` on ``device`` (eval mode, no grad)."""
+
+    def __init__(self, front_end: VisionFrontEnd, device: torch.device, dtype: torch.dtype = torch.float32):
+        # The towers are frozen by VisionFrontEnd itself; ``mapping`` may be the model's own trainable
+        # one (pipeline mode shares the module with the first stage), so requires_grad is left alone.
+        self.front_end = front_end
+        self.front_end.to(device=device, dtype=dtype)  # the same cast DeepSpeed applies to the engine's copy
+        self.front_end.eval()
+        self.device = device
+
+    @classmethod
+    def build(cls, model_cfg, device: torch.device, dtype: torch.dtype = torch.float32) -> FrozenVision:
+        """Load the towers from ``model.vision.path`` without touching the global RNG (the random
+        init of the unused ``mapping`` must not shift the model's initialisation)."""
+        with torch.random.fork_rng(devices=[]):
+            front_end = VisionFrontEnd(model_cfg, load_weights=True)
+        front_end.mapping = nn.Identity()  # the trainable mapping lives in the engine's model
+        return cls(front_end, device, dtype)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.front_end.num_prefix_tokens
+
+    @torch.no_grad()
+    def encode(self, pixel_values: torch.Tensor) -> VisionEncoding:
+        """pixel_values [N, 3, H, W] -> features [N, P, F] and pooled [N, E] (no gradient)."""
+        return self.front_end.encode(pixel_values.to(self.device, non_blocking=True))

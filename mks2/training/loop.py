@@ -1,0 +1,307 @@
+"""The training loop shared by every stage: one optimizer step at a time, in either parallel mode.
+
+``run_training(cfg, task)`` = validate -> build engine -> resume -> loop { step, log, save } ->
+final save. The stage-specific part (batch -> losses) is the ``StageTask``; the loop owns
+checkpointing, exact resume, non-finite-step skipping, preemption, and logging.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mks2.config import ConfigError, ParallelMode, RunConfig, check_world_size
+from mks2.training import checkpoint as ckpt
+from mks2.training import distributed, faults
+from mks2.training.engine import TrainingEngine, build_engine
+from mks2.training.metrics import MetricsLog, peak_flops_per_device, train_flops_per_position
+from mks2.training.task import StageTask
+
+log = logging.getLogger("mks2.training")
+
+
+@dataclass
+class TrainState:
+    """Loop counters saved in every checkpoint (``mks2/trainer.json``)."""
+
+    step: int = 0  # optimizer steps done (skipped ones included: their data was consumed)
+    skipped_total: int = 0
+    consecutive_skips: int = 0
+    tokens_total: int = 0
+
+
+def preflight(cfg: RunConfig, task: StageTask, world_size: int) -> None:
+    """Config problems that depend on the world size or the stage, as ONE ConfigError, before any
+    DeepSpeed engine exists."""
+    problems = check_world_size(cfg, world_size) + task.check(cfg)
+    if problems:
+        raise ConfigError(problems, source=f"run config (world size {world_size})")
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, task: StageTask, built: TrainingEngine):
+        self.cfg, self.task, self.te = cfg, task, built
+        self.engine = built.engine
+        self.rank = distributed.rank()
+        self.save_dir = Path(cfg.train.save_dir)
+        self.state = TrainState()
+        self.preempt = faults.PreemptionFlag()
+        self.loader: Any = None
+        self._iter: Any = None
+        self._tokens = [0]  # tokens counted by the pipeline feed
+        self._positions = [0]
+        self.last_saved: str | None = None
+
+    # ---- data -------------------------------------------------------------------------------
+
+    def _needs_data(self) -> bool:
+        return self.te.mode == ParallelMode.ZERO3 or self.te.is_first_stage or self.te.is_last_stage
+
+    def _start_data(self, loader_state: Any) -> None:
+        if not self._needs_data():
+            return
+        self.loader = self.task.build_loader(
+            self.cfg, dp_rank=self.te.dp_rank, dp_size=self.te.dp_size, state=loader_state
+        )
+        if self.te.mode == ParallelMode.ZERO3:
+            self._iter = iter(self.loader)
+        else:
+            self._iter = self._pipeline_feed(iter(self.loader))
+            self.engine.set_dataiterator(self._iter)
+
+    def _pipeline_feed(self, batches):
+        for batch in batches:
+            self._tokens[0] += self.task.count_tokens(batch)
+            self._positions[0] += self.task.count_positions(batch)
+            yield self.task.pipeline_tuples(self.task.prepare(batch, self.te.vision, self.te.device))
+
+    # ---- resume -------------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Restore the newest / requested checkpoint (``train.resume``), or start fresh."""
+        choice: list[Any] = [None]
+        if self.rank == 0:
+            try:
+                found = ckpt.find_resume(self.save_dir, str(self.cfg.train.resume))
+                choice[0] = ("ok", found.tag if found else None)
+            except ckpt.CheckpointError as exc:
+                choice[0] = ("error", str(exc))
+        if dist.is_initialized():
+            dist.broadcast_object_list(choice, src=0)
+        kind, value = choice[0]
+        if kind == "error":
+            raise ckpt.CheckpointError(value)
+        if value is None:
+            self._start_data(None)
+            return
+        path = self.save_dir / value
+        trainer_state, saved_cfg = ckpt.read_meta(path)
+        self._check_compatible(path, trainer_state, saved_cfg)
+        load_path, _ = self.engine.load_checkpoint(
+            str(self.save_dir), tag=value, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if load_path is None:
+            raise ckpt.CheckpointError(f"DeepSpeed could not load {path}")
+        rank_state = ckpt.load_rank_state(path, self.rank)
+        self.state = TrainState(**trainer_state["loop"])
+        self.last_saved = value
+        self._start_data(rank_state["loader"])
+        ckpt.set_rng_state(rank_state["rng"])  # last: nothing after this may draw random numbers
+        if self.rank == 0:
+            log.info("resumed from %s (step %d)", path, self.state.step)
+
+    def _check_compatible(self, path: Path, trainer_state: dict, saved_cfg: dict) -> None:
+        problems = ckpt.shape_changes(saved_cfg, self.te.resolved_config)
+        run = trainer_state.get("run", {})
+        now = {"mode": self.te.mode.value, "pipeline_stages": self.te.pp_stages, "data_parallel_size": self.te.dp_size}
+        for key, value in now.items():
+            if run.get(key) != value:
+                problems.append(f"{key}: checkpoint {run.get(key)!r}, now {value!r}")
+        if problems:
+            raise ckpt.CheckpointError(
+                f"{path} cannot be resumed by this run; these settings differ:\n  - "
+                + "\n  - ".join(problems)
+                + "\nResume with the checkpoint's settings, or start a new run in another train.save_dir."
+            )
+
+    # ---- one optimizer step -------------------------------------------------------------------
+
+    def _step_zero3(self) -> tuple[float, int, int]:
+        engine, te = self.engine, self.te
+        loss_sum = torch.zeros((), device=te.device)
+        tokens = positions = 0
+        for _ in range(te.gradient_accumulation_steps):
+            batch = next(self._iter)
+            tokens += self.task.count_tokens(batch)
+            positions += self.task.count_positions(batch)
+            loss = engine(**self.task.prepare(batch, te.vision, te.device))
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach().float()
+        return loss_sum, tokens, positions
+
+    def _step_pipeline(self) -> tuple[torch.Tensor, int, int]:
+        self._tokens[0] = self._positions[0] = 0
+        loss = self.engine.train_batch()
+        micro = self.te.gradient_accumulation_steps
+        # train_batch returns the step's mean loss on every stage; scale to a per-micro-batch sum so the
+        # reduction below treats both modes alike (only last-stage ranks contribute it).
+        contrib = loss.detach().float().to(self.te.device) * micro if self.te.is_last_stage else 0.0
+        return torch.as_tensor(contrib, device=self.te.device), self._tokens[0], self._positions[0]
+
+    def train_step(self) -> dict[str, Any]:
+        te = self.te
+        step = self.state.step + 1
+        faults.set_context(step=step, rank=self.rank)
+        lr = float(self.engine.get_lr()[0])
+        t0 = time.perf_counter()
+        loss_sum, tokens, positions = self._step_pipeline() if te.mode == ParallelMode.PIPELINE else self._step_zero3()
+        applied = bool(self.engine.was_step_applied())
+        metric_sum, micro = self.task.sink.drain(te.device)
+        # One all-reduce per step: [loss, metrics..., micro-batches, tokens, positions, skipped, preempt]
+        contributes_loss = te.mode == ParallelMode.ZERO3 or te.is_last_stage
+        counts_tokens = te.mode == ParallelMode.ZERO3 or te.is_first_stage
+        vec = torch.cat(
+            [
+                loss_sum.reshape(1) if contributes_loss else torch.zeros(1, device=te.device),
+                metric_sum,
+                torch.tensor(
+                    [
+                        micro if contributes_loss else 0,
+                        tokens if counts_tokens else 0,
+                        positions if counts_tokens else 0,
+                        0 if applied else 1,
+                        1 if self.preempt.requested else 0,
+                    ],
+                    dtype=torch.float32,
+                    device=te.device,
+                ),
+            ]
+        ).double()
+        if dist.is_initialized():
+            dist.all_reduce(vec)
+        elapsed = time.perf_counter() - t0
+        k = len(self.task.metric_names)
+        n_micro = max(vec[1 + k].item(), 1.0)
+        skipped = vec[4 + k].item() > 0
+        self._preempt_all = vec[5 + k].item() > 0
+        self.state.step = step
+        self.state.tokens_total += int(vec[2 + k].item())
+        if skipped:
+            self.state.skipped_total += 1
+            self.state.consecutive_skips += 1
+        else:
+            self.state.consecutive_skips = 0
+        record: dict[str, Any] = {"step": step, "loss": vec[0].item() / n_micro}
+        for i, name in enumerate(self.task.metric_names):
+            record[name] = vec[1 + i].item() / n_micro
+        grad_norm = self.engine.get_global_grad_norm()
+        record.update(
+            lr=lr,
+            grad_norm=None if grad_norm is None else float(grad_norm),
+            tokens=int(vec[2 + k].item()),
+            tokens_per_s=vec[2 + k].item() / elapsed,
+            step_time_s=elapsed,
+            skipped=int(skipped),
+            skipped_total=self.state.skipped_total,
+        )
+        peak = peak_flops_per_device(self.cfg.train.precision.value)
+        if peak is not None:
+            per_pos = train_flops_per_position(
+                te.llm_params, te.trainable_params, self.cfg.model.num_layers, self.cfg.model.hidden_size,
+                self.cfg.data.seq_len,
+            )  # fmt: skip
+            record["mfu"] = per_pos * vec[3 + k].item() / (elapsed * peak * distributed.world_size())
+        return record
+
+    # ---- checkpoints --------------------------------------------------------------------------
+
+    def save(self) -> str:
+        tag = ckpt.tag_for(self.state.step)
+        path = self.save_dir / tag
+        if self.rank == 0 and path.exists() and not (path / ckpt.MARKER).exists():
+            shutil.rmtree(path)  # debris of an interrupted save of this same step
+        distributed.barrier()
+        self.engine.save_checkpoint(
+            str(self.save_dir), tag=tag, client_state={"step": self.state.step}, save_latest=False
+        )
+        loader_state = self.loader.state_dict() if self.loader is not None else None
+        ckpt.save_rank_state(path, self.rank, loader_state)
+        if self.rank == 0:
+            run = {
+                "mode": self.te.mode.value,
+                "pipeline_stages": self.te.pp_stages,
+                "data_parallel_size": self.te.dp_size,
+                "world_size": distributed.world_size(),
+                "stage": self.task.stage.value,
+            }
+            ckpt.write_meta(path, {"loop": asdict(self.state), "run": run}, self.te.resolved_config)
+        distributed.barrier()  # every rank's files are written
+        if self.rank == 0:
+            ckpt.mark_complete(self.save_dir, path)
+            ckpt.prune(self.save_dir, self.cfg.train.keep_last)
+        distributed.barrier()
+        self.last_saved = tag
+        return tag
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def fit(self) -> str:
+        """Train to ``train.max_steps`` (or until preempted). Returns ``done`` or ``preempted``."""
+        cfg = self.cfg.train
+        metrics = MetricsLog(
+            self.save_dir, enabled=self.rank == 0, total_steps=cfg.max_steps, start_step=self.state.step,
+            monitor=getattr(self.engine, "monitor", None),
+        )  # fmt: skip
+        metrics.truncate_after(self.state.step)
+        self.preempt.install()
+        self.engine.train()
+        try:
+            while self.state.step < cfg.max_steps:
+                record = self.train_step()
+                metrics.write(record)
+                step = self.state.step
+                if record["skipped"]:
+                    metrics.message(f"step {step}: non-finite loss or gradient norm; update skipped on all ranks")
+                    if self.state.consecutive_skips >= cfg.max_skipped_steps:
+                        last = self.last_saved or "none (no checkpoint was saved yet)"
+                        raise faults.TrainingAborted(
+                            f"stopping at step {step}: {self.state.consecutive_skips} consecutive steps "
+                            f"(steps {step - self.state.consecutive_skips + 1}-{step}) had a non-finite loss or "
+                            f"gradient norm (train.max_skipped_steps={cfg.max_skipped_steps}). Last good checkpoint: "
+                            f"{last} in {self.save_dir}. Lower train.lr or inspect the data of these steps."
+                        )
+                if self._preempt_all:
+                    tag = self.save()
+                    metrics.message(f"preemption signal received: saved {tag} at step {step}; exiting")
+                    return "preempted"
+                periodic = cfg.save_interval > 0 and step % cfg.save_interval == 0 and not record["skipped"]
+                if periodic or step == cfg.max_steps:
+                    self.save()
+                faults.maybe_kill_after(step, self.rank)
+            return "done"
+        finally:
+            self.preempt.uninstall()
+            metrics.close()
+
+
+def run_training(cfg: RunConfig, task: StageTask) -> str:
+    """Everything after the config is loaded: distributed start-up, checks, engine, resume, loop."""
+    distributed.init_distributed()
+    preflight(cfg, task, distributed.world_size())
+    built = build_engine(cfg, task)
+    if distributed.rank() == 0:
+        print(built.summary, flush=True)
+    trainer = Trainer(cfg, task, built)
+    trainer.resume()
+    outcome = trainer.fit()
+    if outcome == "done" and distributed.rank() == 0:
+        log.info("training finished at step %d; checkpoint %s", trainer.state.step, trainer.last_saved)
+    return outcome

@@ -1,0 +1,299 @@
+"""Stage 1 (``model.stage=mvm``): visual information storage into the MVM experts (DESIGN §1).
+
+One micro-batch runs the LLM ONCE on both views of its B captions, stacked along the batch dim:
+
+    rows [0, B):   caption view   = image prefix + caption, labels on caption tokens
+    rows [B, 2B):  retrieval view = caption alone (no image), padded to the same length
+
+so every rank calls the same modules the same number of times (ZeRO-3), and the decoder weights
+are gathered once per micro-batch instead of twice. The captioning loss reads the first B rows;
+the retrieval loss takes the final-norm hidden state at ``ret_eos_index`` of the last B rows,
+projects and normalises it, and contrasts it (symmetric InfoNCE, learnable temperature) with the
+frozen, normalised pooled image embeddings of the WHOLE data-parallel batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mks2.config import RunConfig, Stage, VisionKind
+from mks2.model import causal_lm_loss, embed_inputs
+from mks2.training.losses import contrastive_loss
+from mks2.training.task import MetricSink, PipelineSpec, StageTask
+
+IGNORE_INDEX = -100
+
+
+def _pad_to(x: torch.Tensor, length: int, value: int) -> torch.Tensor:
+    """Right-pad dim 1 of [B, S] to ``length``."""
+    return F.pad(x, (0, length - x.shape[1]), value=value) if x.shape[1] < length else x
+
+
+def stack_views(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Caption view [B, S] and retrieval view [B, S_r] -> one [2B, max(S, S_r)] batch (padding:
+    token 0, position 0, segment 0; labels only for the caption rows, [B, max(S, S_r)])."""
+    s = max(batch["input_ids"].shape[1], batch["ret_input_ids"].shape[1])
+    ids = torch.cat([_pad_to(batch["input_ids"], s, 0), _pad_to(batch["ret_input_ids"], s, 0)])
+    pos = torch.cat([_pad_to(batch["position_ids"], s, 0), _pad_to(batch["ret_position_ids"], s, 0)])
+    seg = torch.cat([_pad_to(batch["segment_ids"].long(), s, 0), _pad_to(batch["ret_segment_ids"].long(), s, 0)])
+    labels = _pad_to(batch["labels"], s, IGNORE_INDEX)
+    return {"input_ids": ids, "position_ids": pos, "segment_ids": seg, "labels": labels}
+
+
+def stage1_loss(
+    *,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    segment_ids: torch.Tensor,
+    text_emb: torch.Tensor,
+    image_emb: torch.Tensor,
+    logit_scale: torch.Tensor,
+    caption_weight: float,
+    retrieval_weight: float,
+    group: Any,
+    sink: MetricSink,
+) -> torch.Tensor:
+    """Weighted caption + retrieval loss of one micro-batch; records the metrics in ``sink``.
+
+    logits [B, S, V] and labels/segment_ids [B, S] of the caption rows; text_emb [B, E] and image_emb
+    [B, E] L2-normalised; logit_scale the log-scale parameter; group: the data-parallel group."""
+    from mks2.training.faults import maybe_poison
+
+    loss_caption, _ = causal_lm_loss(logits, labels, segment_ids)
+    loss_retrieval, acc = contrastive_loss(text_emb, image_emb, logit_scale, group)
+    loss = caption_weight * loss_caption + retrieval_weight * loss_retrieval
+    loss = maybe_poison(loss)
+    sink.record(
+        {
+            "loss_caption": loss_caption,
+            "loss_retrieval": loss_retrieval,
+            "retrieval_acc": acc,
+            "logit_scale": logit_scale.detach().float().exp().clamp(max=100.0),
+        }
+    )
+    return loss
+
+
+class Stage1Objective(nn.Module):
+    """The module the ZeRO-3 engine wraps: both views in one forward, then both losses."""
+
+    def __init__(self, model: nn.Module, task: Stage1Task):
+        super().__init__()
+        self.model = model
+        self._task = [task]  # a list: not a submodule
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [2B, S]
+        position_ids: torch.Tensor,  # [2B, S]
+        segment_ids: torch.Tensor,  # [2B, S]
+        labels: torch.Tensor,  # [B, S]
+        vision_features: torch.Tensor,  # [B, P, F]
+        image_emb: torch.Tensor,  # [B, E]
+        ret_eos_index: torch.Tensor,  # [B]
+    ) -> torch.Tensor:
+        task = self._task[0]
+        n_cap = labels.shape[0]
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            segment_ids=segment_ids,
+            vision_features=vision_features,
+            return_logits=False,
+        )
+        hidden = out.hidden_states  # [2B, S, D], final-norm output
+        logits = self.model.lm_head(hidden[:n_cap])  # [B, S, V]: the vocabulary projection of caption rows only
+        text_emb = self.model.retrieval.encode_text(hidden[n_cap:], ret_eos_index)  # [B, E]
+        return stage1_loss(
+            logits=logits,
+            labels=labels,
+            segment_ids=segment_ids[:n_cap],
+            text_emb=text_emb,
+            image_emb=image_emb,
+            logit_scale=self.model.retrieval.logit_scale,
+            caption_weight=task.cfg.train.caption_loss_weight,
+            retrieval_weight=task.cfg.train.retrieval_loss_weight,
+            group=task.dp_group,
+            sink=task.sink,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Pipeline split: embedding (+ image prefix) | decoder layers | norm + heads; loss on the last stage
+# --------------------------------------------------------------------------------------------
+
+
+class ModelSource:
+    """Hands the modules of a fully built model to the LayerSpecs of this rank's pipeline stage.
+    ``release()`` drops the reference afterwards, so layers of other stages are freed."""
+
+    def __init__(self, model: nn.Module):
+        self.model: nn.Module | None = model
+
+    def get(self) -> nn.Module:
+        assert self.model is not None, "ModelSource used after release()"
+        return self.model
+
+    def release(self) -> None:
+        self.model = None
+
+
+class EmbedPipe(nn.Module):
+    """(input_ids, position_ids, segment_ids, vision_features, ret_eos_index) -> (hidden, pos, seg, eos)."""
+
+    def __init__(self, source: ModelSource):
+        super().__init__()
+        m = source.get()
+        self.embed_tokens = m.model.embed_tokens
+        self.vision = m.vision  # frozen towers unused here; ``mapping`` is trainable
+        self.vocab_size = m.vocab_size
+        self.image_token_id = m.image_token_id
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        input_ids, position_ids, segment_ids, vision_features, eos = inputs
+        hidden = embed_inputs(
+            input_ids,
+            embed_tokens=self.embed_tokens,
+            vocab_size=self.vocab_size,
+            image_token_id=self.image_token_id,
+            vision=self.vision,
+            vision_features=vision_features,
+        )  # [2B, S, D]
+        return hidden, position_ids, segment_ids, eos
+
+
+class DecoderLayerPipe(nn.Module):
+    """One decoder layer on the pipeline tuple (hidden, pos, seg, eos)."""
+
+    def __init__(self, source: ModelSource, index: int):
+        super().__init__()
+        self.layer = source.get().model.layers[index]
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        hidden, position_ids, segment_ids, eos = inputs
+        hidden, _ = self.layer(hidden, position_ids, segment_ids)
+        return hidden, position_ids, segment_ids, eos
+
+
+class Stage1HeadPipe(nn.Module):
+    """Final norm, LM head on the caption rows, retrieval projection on the retrieval rows."""
+
+    def __init__(self, source: ModelSource):
+        super().__init__()
+        m = source.get()
+        self.norm = m.model.norm
+        self.lm_head = m.lm_head
+        self.retrieval = m.retrieval
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        hidden, _, segment_ids, eos = inputs
+        hidden = self.norm(hidden)  # [2B, S, D]
+        n_cap = hidden.shape[0] - eos.shape[0]
+        logits = self.lm_head(hidden[:n_cap])  # [B, S, V]
+        text_emb = self.retrieval.encode_text(hidden[n_cap:], eos)  # [B, E]
+        return logits, segment_ids[:n_cap], text_emb, self.retrieval.logit_scale.reshape(1)
+
+
+class Stage1PipeLoss:
+    """Loss callable of the last pipeline stage: outputs of :class:`Stage1HeadPipe` + labels tuple."""
+
+    def __init__(self, task: Stage1Task):
+        self.task = task
+
+    def __call__(self, outputs: tuple[torch.Tensor, ...], labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        logits, segment_ids, text_emb, logit_scale = outputs
+        caption_labels, image_emb = labels
+        t = self.task
+        return stage1_loss(
+            logits=logits,
+            labels=caption_labels,
+            segment_ids=segment_ids,
+            text_emb=text_emb,
+            image_emb=image_emb,
+            logit_scale=logit_scale.reshape(()),
+            caption_weight=t.cfg.train.caption_loss_weight,
+            retrieval_weight=t.cfg.train.retrieval_loss_weight,
+            group=t.dp_group,
+            sink=t.sink,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The task
+# --------------------------------------------------------------------------------------------
+
+
+class Stage1Task(StageTask):
+    stage = Stage.MVM
+    metric_names = ("loss_caption", "loss_retrieval", "retrieval_acc", "logit_scale")
+
+    def __init__(self, cfg: RunConfig):
+        super().__init__(cfg)
+        self.dp_group = None  # set by the engine builder once the data-parallel group exists
+
+    def check(self, cfg: RunConfig) -> list[str]:
+        p = []
+        if Stage(cfg.model.stage) != Stage.MVM:
+            p.append(f"model.stage={cfg.model.stage.value}: launch/pretrain_mvm.py trains stage 'mvm'")
+        if VisionKind(cfg.model.vision.kind) == VisionKind.NONE:
+            p.append("model.vision.kind: stage 1 needs a vision front-end (blip2 or clip)")
+        if cfg.data.packing:
+            p.append("data.packing: must be false in stage 1 (one captioned image per row for retrieval)")
+        if not cfg.data.datasets:
+            p.append("data.datasets: stage 1 needs at least one caption dataset")
+        return p
+
+    def build_loader(self, cfg: RunConfig, *, dp_rank: int, dp_size: int, state: Any = None) -> Any:
+        from mks2.data import build_dataloader
+        from mks2.model.vision import load_image_processor, vision_prefix_length
+
+        return build_dataloader(
+            cfg,
+            rank=dp_rank,
+            world_size=dp_size,
+            stage=Stage.MVM,
+            image_processor=load_image_processor(cfg.model),
+            num_prefix_tokens=vision_prefix_length(cfg.model),
+            state=state,
+        )
+
+    def prepare(self, batch: dict[str, torch.Tensor], vision: Any, device: torch.device) -> dict[str, torch.Tensor]:
+        stacked = {k: v.to(device, non_blocking=True) for k, v in stack_views(batch).items()}
+        enc = vision.encode(batch["pixel_values"])  # features [B, P, F], pooled [B, E]
+        stacked["vision_features"] = enc.features
+        stacked["image_emb"] = F.normalize(enc.pooled.float(), dim=-1)
+        stacked["ret_eos_index"] = batch["ret_eos_index"].to(device)
+        return stacked
+
+    def count_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["segment_ids"] != 0).sum() + (batch["ret_segment_ids"] != 0).sum())
+
+    def count_positions(self, batch: dict[str, torch.Tensor]) -> int:
+        b = batch["input_ids"].shape[0]
+        return 2 * b * max(batch["input_ids"].shape[1], batch["ret_input_ids"].shape[1])
+
+    def objective(self, model: nn.Module) -> nn.Module:
+        return Stage1Objective(model, self)
+
+    def external_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        # logit_scale is read by the loss, not by a RetrievalHead.forward (which never runs).
+        return [model.retrieval.logit_scale]
+
+    def pipeline(self, model: nn.Module) -> PipelineSpec:
+        from deepspeed.pipe import LayerSpec
+
+        source = ModelSource(model)
+        layers = [LayerSpec(EmbedPipe, source)]
+        layers += [LayerSpec(DecoderLayerPipe, source, i) for i in range(len(model.model.layers))]
+        layers.append(LayerSpec(Stage1HeadPipe, source))
+        self._source = source
+        return PipelineSpec(layers=layers, loss_fn=Stage1PipeLoss(self), checkpointable_layers=["DecoderLayerPipe"])
+
+    def pipeline_tuples(self, prepared: dict[str, torch.Tensor]) -> tuple[tuple, tuple]:
+        p = prepared
+        inputs = (p["input_ids"], p["position_ids"], p["segment_ids"], p["vision_features"], p["ret_eos_index"])
+        return inputs, (p["labels"], p["image_emb"])

@@ -1,0 +1,109 @@
+"""What differs between training stages: the batch -> losses step. Everything else (engine, loop,
+checkpoints, resume, faults, logging) is shared and lives in ``engine.py`` / ``loop.py``.
+
+A stage implements :class:`StageTask`:
+
+- ``build_model``: the initialised, correctly frozen ``MKS2ForCausalLM`` (stage 1: ``build_model``;
+  stage 2 also loads a stage-1 checkpoint);
+- ``build_loader``: this data-parallel rank's training batches (the batch contract of COMMON.md);
+- ``prepare``: a loader batch -> the tensors the objective consumes, on the device, with the frozen
+  vision outputs computed outside the engine;
+- ``objective``: the ``nn.Module`` the ZeRO-3 engine wraps; ``forward(**prepared)`` returns
+  ``(loss, {metric: 0-d tensor})``;
+- ``pipeline_layers`` / ``pipeline_feed``: the same step split into LayerSpecs and (inputs, labels)
+  tuples for ``deepspeed.pipe``.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mks2.config import RunConfig, Stage
+
+
+@dataclass
+class PipelineSpec:
+    """A stage's pipeline split: LayerSpecs, the last stage's loss callable (which also records the
+    per-micro-batch metrics, see :class:`MetricSink`) and the class names DeepSpeed may checkpoint."""
+
+    layers: list[Any]
+    loss_fn: Any
+    checkpointable_layers: list[str]
+
+
+class MetricSink:
+    """Collects detached per-micro-batch metrics where the loss is computed (the objective module in
+    ZeRO-3 mode, the loss callable on the last pipeline stage); the loop drains it once per step."""
+
+    def __init__(self, names: tuple[str, ...]):
+        self.names = names
+        self._rows: list[torch.Tensor] = []
+
+    def record(self, values: dict[str, torch.Tensor]) -> None:
+        self._rows.append(torch.stack([values[n].detach().float().reshape(()) for n in self.names]))
+
+    def drain(self, device: torch.device) -> tuple[torch.Tensor, int]:
+        """(sum over recorded micro-batches [len(names)], number of micro-batches); clears the sink."""
+        count = len(self._rows)
+        total = torch.stack(self._rows).sum(0).to(device) if count else torch.zeros(len(self.names), device=device)
+        self._rows.clear()
+        return total, count
+
+
+class StageTask(abc.ABC):
+    """Stage-specific part of training (see module docstring)."""
+
+    stage: Stage
+    metric_names: tuple[str, ...] = ()
+    """Per-micro-batch metrics besides ``loss`` averaged into each step's record."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.sink = MetricSink(self.metric_names)
+
+    def check(self, cfg: RunConfig) -> list[str]:
+        """Stage-specific config problems (reported with the other config errors before start-up)."""
+        return []
+
+    def build_model(self, cfg: RunConfig, *, weight_gather=None) -> nn.Module:
+        from mks2.model import build_model
+
+        return build_model(cfg, weight_gather=weight_gather)
+
+    @abc.abstractmethod
+    def build_loader(self, cfg: RunConfig, *, dp_rank: int, dp_size: int) -> Any:
+        """Iterable of batches with ``state_dict()`` / ``load_state_dict()`` for exact resume."""
+
+    @abc.abstractmethod
+    def prepare(self, batch: dict[str, torch.Tensor], vision: Any, device: torch.device) -> dict[str, torch.Tensor]:
+        """Loader batch -> the objective's keyword arguments (on ``device``)."""
+
+    @abc.abstractmethod
+    def objective(self, model: nn.Module) -> nn.Module:
+        """Module wrapped by the ZeRO-3 engine: ``forward(**prepared) -> (loss, metrics)``."""
+
+    def external_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """Parameters the objective's forward reads directly, outside their owner's forward; ZeRO-3
+        gathers them whenever the objective runs (``deepspeed.zero.register_external_parameter``)."""
+        return []
+
+    @abc.abstractmethod
+    def pipeline(self, model: nn.Module) -> PipelineSpec:
+        """LayerSpecs + loss callable of the same step for ``deepspeed.pipe.PipelineModule``."""
+
+    @abc.abstractmethod
+    def pipeline_tuples(self, prepared: dict[str, torch.Tensor]) -> tuple[tuple, tuple]:
+        """Prepared batch -> (first-stage inputs, last-stage labels) for the pipeline engine."""
+
+    def count_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """Real (non-padding) tokens processed for this batch, for tokens/s."""
+        return int((batch["segment_ids"] != 0).sum())
+
+    def count_positions(self, batch: dict[str, torch.Tensor]) -> int:
+        """Token positions the model computes for this batch (padding included), for the FLOPs estimate."""
+        return int(batch["input_ids"].numel())
