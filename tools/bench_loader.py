@@ -2,10 +2,12 @@
 """Loader benchmark: random-access samples/s and peak RSS of PretokenizedDataset.
 
 Builds two pretokenized datasets of 512-token samples (default ~100 MB and ~2 GB of shards) in a
-scratch directory with the real shard writer, then, for each, in a fresh process: opens it (hash
-verification off, as the timing is about access), reads ``--accesses`` samples at uniformly random
-indices and reports samples/s and RSS. Targets (issue #3): >= 50,000 samples/s in one process, and a
-peak-RSS growth under 64 MiB from the small to the large dataset.
+scratch directory with the real shard writer, then, for each dataset and access mode (``read``:
+positioned reads, the loader's default; ``view``: zero-copy views of the mapping with RSS release), in
+a fresh process: opens it (hash verification off, as the timing is about access), reads
+``--accesses`` samples at uniformly random indices, copying each out (as collation does), and reports
+samples/s and RSS; then the same samples through the collator. Targets (issue #3): >= 50,000
+samples/s in one process, and a peak-RSS growth under 64 MiB from the small to the large dataset.
 
     python tools/bench_loader.py --workdir /tmp/mks2_bench_loader [--small-mb 100 --large-mb 2048]
 """
@@ -88,14 +90,14 @@ def _rss() -> dict[str, int]:
     return out
 
 
-def measure(directory: str, accesses: int, views_only: bool) -> dict:
+def measure(directory: str, accesses: int, views_only: bool, access: str) -> dict:
     """Runs in a fresh process: open, random access, report."""
     import gc
 
     from mks2.data.dataset import PretokenizedDataset
 
     base = _rss()
-    ds = PretokenizedDataset(directory, verify_hashes=False)
+    ds = PretokenizedDataset(directory, verify_hashes=False, access=access)
     n = len(ds)
     idx = np.random.default_rng(1).integers(0, n, size=accesses).tolist()
     for i in idx[:1000]:  # warm-up: imports, first faults
@@ -144,13 +146,20 @@ def main() -> int:
     p.add_argument("--large-mb", type=int, default=2048)
     p.add_argument("--accesses", type=int, default=300_000)
     p.add_argument("--views-only", action="store_true", help="do not copy samples out of the mapping")
+    p.add_argument(
+        "--access",
+        nargs="+",
+        default=["read", "view"],
+        choices=["read", "view"],
+        help="PretokenizedDataset access modes to measure (the loader uses read)",
+    )
     p.add_argument("--measure", help=argparse.SUPPRESS)  # internal: child process mode
     args = p.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure, args.accesses, args.views_only)))
+        print(json.dumps(measure(args.measure, args.accesses, args.views_only, args.access[0])))
         return 0
     work = Path(args.workdir)
-    results = {}
+    results: dict[tuple[str, str], dict] = {}
     for label, mb in (("small", args.small_mb), ("large", args.large_mb)):
         t0 = time.perf_counter()
         m = build(work / f"{label}_{mb}mb", mb)
@@ -161,24 +170,38 @@ def main() -> int:
             f"(ready in {time.perf_counter() - t0:.1f} s)",
             flush=True,
         )
-        cmd = [sys.executable, __file__, "--measure", str(work / f"{label}_{mb}mb"), "--accesses", str(args.accesses)]
-        if args.views_only:
-            cmd.append("--views-only")
-        r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-        results[label] = r
+        for access in args.access:
+            cmd = [
+                sys.executable,
+                __file__,
+                "--measure",
+                str(work / f"{label}_{mb}mb"),
+                "--accesses",
+                str(args.accesses),
+                "--access",
+                access,
+            ]
+            if args.views_only:
+                cmd.append("--views-only")
+            r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+            results[label, access] = r
+            print(
+                f"[{label}, access={access}] {r['samples_per_s']:,.0f} samples/s ({r['accesses']:,} random "
+                f"accesses in {r['seconds']:.2f} s); RSS start {r['rss_start'] / 2**20:.1f} MiB, end "
+                f"{r['rss_end'] / 2**20:.1f} MiB (anon {r['rss_anon_end'] / 2**20:.1f}, file-backed "
+                f"{r['rss_file_end'] / 2**20:.1f}), peak {r['peak_rss'] / 2**20:.1f} MiB; collated into "
+                f"512-token rows: {r['collated_rows_per_s']:,.0f} rows/s",
+                flush=True,
+            )
+    for access in args.access:
+        small, large = results["small", access], results["large", access]
+        growth = (large["peak_rss"] - small["peak_rss"]) / 2**20
+        slowest = min(small["samples_per_s"], large["samples_per_s"])
         print(
-            f"[{label}] {r['samples_per_s']:,.0f} samples/s ({r['accesses']:,} random accesses in "
-            f"{r['seconds']:.2f} s); RSS start {r['rss_start'] / 2**20:.1f} MiB, end {r['rss_end'] / 2**20:.1f} MiB "
-            f"(anon {r['rss_anon_end'] / 2**20:.1f}, file-backed {r['rss_file_end'] / 2**20:.1f}), "
-            f"peak {r['peak_rss'] / 2**20:.1f} MiB",
-            flush=True,
+            f"access={access}: peak RSS growth small -> large {growth:+.1f} MiB (target < 64 MiB): "
+            f"{'OK' if growth < 64 else 'MISSED'}; slowest {slowest:,.0f} samples/s (target >= 50,000): "
+            f"{'OK' if slowest >= 50_000 else 'MISSED'}"
         )
-    growth = (results["large"]["peak_rss"] - results["small"]["peak_rss"]) / 2**20
-    slowest = min(r["samples_per_s"] for r in results.values())
-    print(f"peak RSS growth small -> large: {growth:+.1f} MiB (target < 64 MiB): {'OK' if growth < 64 else 'MISSED'}")
-    print(
-        f"slowest random access: {slowest:,.0f} samples/s (target >= 50,000): {'OK' if slowest >= 50_000 else 'MISSED'}"
-    )
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
     return 0
 

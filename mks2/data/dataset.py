@@ -9,12 +9,15 @@ Opening checks, in order, each failing with a ``DatasetError`` that names the fi
    ``vocab_size``, every token id is below it (scanned with the hashes; else the manifest's recorded
    maximum), and the image placeholder id matches ``model.vision.image_token_id``.
 
-Shards are memory-mapped (``mks2.data.shards.MappedShard``): ``ds[i]`` returns zero-copy numpy views
-of one row and never reads a whole shard. Pages of a file mapping that a process touched count in its
-RSS (though they are shared, reclaimable page cache), and one fault can map much more than the row
-(fault-around, large folios). So the dataset watches its resident shared pages and, once they grew
-by ``release_every`` bytes, drops its mappings' pages from its RSS with ``MADV_DONTNEED``; the page
-cache keeps them, and RSS does not grow with the dataset.
+Shards are memory-mapped (``mks2.data.shards.MappedShard``) and a sample is located through its
+list columns' Arrow buffers; no access reads more than that sample. ``access`` picks how a row is read
+(see ``mks2.data.shards``):
+
+- ``read`` (default): positioned reads into fresh arrays. RSS does not grow with the dataset, and it
+  stays fast on datasets far larger than what one process should keep mapped.
+- ``view``: zero-copy numpy views into the mapping. Touched pages count in RSS (one fault can map a
+  whole large folio), so the dataset watches its resident shared pages and, once they grew by
+  ``release_every`` bytes, drops its mappings' pages (``MADV_DONTNEED``; the page cache keeps them).
 """
 
 from __future__ import annotations
@@ -79,12 +82,36 @@ class _MappedResidency:
             os.close(self._fd)
 
 
+def _ensure_open_files(extra: int) -> None:
+    """Raise the soft open-files limit when ``extra`` more descriptors would not fit (datasets with
+    thousands of shards); fail with a clear message when the hard limit is too low."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        in_use = 64
+    need = in_use + extra + 64
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    if hard != resource.RLIM_INFINITY and hard < need:
+        raise DatasetError(
+            f"opening {extra // 2} shards needs {need} open files but the hard limit (ulimit -Hn) is {hard}"
+        )
+    resource.setrlimit(
+        resource.RLIMIT_NOFILE, (need if hard == resource.RLIM_INFINITY else max(need, min(hard, 1 << 16)), hard)
+    )
+
+
 _CHECK_EVERY = 8  # accesses between residency checks (a check costs ~3 us; one access can map ~1 MB)
 
 
 class PretokenizedDataset:
     """Memory-mapped pretokenized dataset. ``ds[i]`` -> ``{"input_ids": int32 [L], "loss_mask": int8 [L],
-    "image": str | None}`` (numpy views; copy before writing).
+    "image": str | None}`` (fresh arrays with ``access="read"``, read-only views with ``"view"``).
 
     ``tokenizer``: the run's tokenizer path (``data.tokenizer``); its fingerprint must match the
     manifest's. ``vocab_size``: the model's (``model.vocab_size``). ``image_token_id``: the model's
@@ -98,8 +125,12 @@ class PretokenizedDataset:
         tokenizer: str | Path | None = None,
         vocab_size: int | None = None,
         image_token_id: int | None = None,
+        access: str = "read",
         release_every: int = 32 << 20,
     ):
+        if access not in ("read", "view"):
+            raise ValueError(f"access must be 'read' or 'view', got {access!r}")
+        self.access = access
         self.path = Path(path).expanduser().resolve()
         self.manifest = read_manifest(self.path)
         self.kind: str = self.manifest["kind"]
@@ -142,6 +173,7 @@ class PretokenizedDataset:
             )
 
     def _open(self, verify_hashes: bool) -> None:
+        _ensure_open_files(2 * len(self.manifest["shards"]))  # a mapping and a read descriptor per shard
         self._shards: list[MappedShard] = []
         starts = [0]
         for entry in self.manifest["shards"]:
@@ -192,26 +224,34 @@ class PretokenizedDataset:
         return self._shards[k], i - self._starts[k]
 
     def _touch(self) -> None:
-        if self.release_every:
+        if self.release_every and self.access == "view":
             self._accesses += 1
             if self._accesses >= _CHECK_EVERY:
                 self._check_residency()
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        """``{"input_ids": int32 [L], "loss_mask": int8 [L], "image": str | None}``."""
         shard, j = self._locate(int(i))
-        ids, mask = shard.row(j)
-        self._touch()
-        return {"input_ids": ids, "loss_mask": mask, "image": shard.image(j) if shard.has_image_column else None}
+        if self.access == "read":
+            ids, mask = shard.read_row(j)
+            image = shard.read_image(j) if shard.has_image_column else None
+        else:
+            ids, mask = shard.row(j)
+            image = shard.image(j) if shard.has_image_column else None
+            self._touch()
+        return {"input_ids": ids, "loss_mask": mask, "image": image}
 
     def length(self, i: int) -> int:
         """Tokens of sample ``i`` (the image placeholder counted once)."""
         shard, j = self._locate(int(i))
+        if self.access == "read":
+            return shard.read_length(j)
         self._touch()
         return shard.length(j)
 
     def has_image(self, i: int) -> bool:
         shard, j = self._locate(int(i))
-        return shard.has_image(j)
+        return shard.read_has_image(j)
 
     def _check_residency(self) -> None:
         self._accesses = 0
@@ -235,11 +275,12 @@ class PretokenizedDataset:
     # -- pickling (spawned DataLoader workers re-open the maps without re-verifying) -----------
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": str(self.path), "release_every": self.release_every}
+        return {"path": str(self.path), "access": self.access, "release_every": self.release_every}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.path = Path(state["path"])
         self.release_every = state["release_every"]
+        self.access = state["access"]
         self.manifest = read_manifest(self.path)
         self.kind = self.manifest["kind"]
         self._verify = False

@@ -1,15 +1,21 @@
-"""Arrow IPC *stream* shards: schema, writing, and zero-copy memory-mapped reading.
+"""Arrow IPC *stream* shards: schema, writing, and memory-mapped reading.
 
 Stream (not file) format because HF ``datasets.Dataset.from_file`` accepts only streams. Columns:
 ``input_ids`` list<int32>, ``loss_mask`` list<int8> (1 = the token is a prediction target) and, for
 kinds with images, ``image`` string (null for a text-only record; the path is relative to the image
-root). Both list columns of a row have the same length.
+root). Both list columns of a row have the same length (and the same offsets).
 
-Reading maps the file (``mmap``) and takes numpy views of each list column's offsets and values
-buffers: a random access costs two slices and touches only the pages of that row, and never copies a
-shard into RAM. Touched pages of a file mapping count in the process's RSS although they are shared
-page cache; ``MappedShard.release_pages`` drops them (``MADV_DONTNEED``) so a long random walk over a
-large dataset keeps a bounded RSS (the dataset calls it every few tens of MiB read).
+Reading maps the file (``mmap``) and locates each column's Arrow buffers (offsets, values, validity)
+in the mapping; no pyarrow object is touched per sample. A row is then read in one of two ways:
+
+- ``view``: numpy views into the mapping (zero-copy). Fastest while the touched pages stay mapped,
+  but every touched page joins the process's RSS, and on kernels that cache files in large folios one
+  fault maps up to 2 MiB. Bounding RSS means dropping the pages (``release_pages``, MADV_DONTNEED)
+  and faulting them in again, which costs ~3 faults per sample on a large dataset.
+- ``read``: positioned reads (``os.preadv``) of the row's offsets and values at the buffers' file
+  positions into fresh arrays: a few syscalls, nothing mapped, so RSS does not grow at all with the
+  dataset, and on large datasets it is several times faster than re-faulting the mapping
+  (``tools/bench_loader.py``). The loader uses this.
 """
 
 from __future__ import annotations
@@ -91,13 +97,19 @@ def sha256_bytes(data: bytes) -> str:
 
 @dataclass
 class _Batch:
+    rows: int
     ids_offsets: np.ndarray  # int32 [n + 1] view into the mapping
-    ids_values: np.ndarray  # int32 [T]
-    mask_offsets: np.ndarray  # int32 [n + 1]
-    mask_values: np.ndarray  # int8 [T]
+    ids_values: np.ndarray  # int32 [T] view
+    mask_values: np.ndarray  # int8 [T] view
+    offsets_pos: int  # file position of ids_offsets[0]
+    ids_pos: int  # file position of ids_values[0]
+    mask_pos: int  # file position of mask_values[0]
+    mask_offsets: np.ndarray  # int32 [n + 1] view (equal to ids_offsets; checked on request)
     image: pa.StringArray | None
-    image_valid: np.ndarray | None  # uint8 validity bitmap view (None: every row has an image)
-    image_offset: int  # bit offset of row 0 in the bitmap
+    image_valid_pos: int | None  # file position of the validity bitmap (None: every row has an image)
+    image_bit0: int  # bit offset of row 0 in that bitmap
+    image_offsets_pos: int  # file position of the string offsets (int32 [n + 1])
+    image_data_pos: int  # file position of the string bytes
 
 
 def _list_views(arr: pa.ListArray, dtype: type) -> tuple[np.ndarray, np.ndarray]:
@@ -113,15 +125,23 @@ def _list_views(arr: pa.ListArray, dtype: type) -> tuple[np.ndarray, np.ndarray]
     return offsets, values
 
 
+def _pread(fd: int, pos: int, dtype: type, count: int) -> np.ndarray:
+    out = np.empty(count, dtype=dtype)
+    if count and os.preadv(fd, [out], pos) != out.nbytes:
+        raise DatasetError(f"short read at byte {pos} (file truncated while open?)")
+    return out
+
+
 class MappedShard:
-    """One shard mapped read-only. ``row(j)`` returns zero-copy numpy views."""
+    """One shard mapped read-only; rows by ``row(j)`` (views) or ``read_row(j)`` (positioned reads)."""
 
     def __init__(self, path: str | Path):
         self.path = str(path)
         try:
             with open(self.path, "rb") as f:
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            reader = pa.ipc.open_stream(pa.BufferReader(pa.py_buffer(self._mm)))
+            base = pa.py_buffer(self._mm)
+            reader = pa.ipc.open_stream(pa.BufferReader(base))
             schema = reader.schema
             batches = list(reader)
         except (OSError, ValueError, pa.ArrowException) as exc:
@@ -131,22 +151,58 @@ class MappedShard:
             if schema.get_field_index(name) < 0 or schema.field(name).type != typ:
                 raise DatasetError(f"{self.path}: column {name} of type {typ} missing (schema: {schema})")
         self.has_image_column = schema.get_field_index("image") >= 0
+        self._fd: int | None = None
         self._batches: list[_Batch] = []
         starts = [0]
         for b in batches:
             ids, mask = b.column("input_ids"), b.column("loss_mask")
+            ids_off, ids_val = _list_views(ids, np.int32)
+            mask_off, mask_val = _list_views(mask, np.int8)
             img = b.column("image") if self.has_image_column else None
-            valid, valid_off = None, 0
-            if img is not None and img.null_count:
-                bitmap = img.buffers()[0]
-                valid = np.frombuffer(bitmap, dtype=np.uint8)
-                valid_off = img.offset
+            valid_pos, bit0, str_off_pos, str_data_pos = None, 0, 0, 0
+            if img is not None:
+                bufs = img.buffers()
+                if img.null_count:
+                    valid_pos, bit0 = bufs[0].address - base.address, img.offset
+                str_off_pos = bufs[1].address - base.address + 4 * img.offset
+                str_data_pos = bufs[2].address - base.address if bufs[2] is not None else 0
             self._batches.append(
-                _Batch(*_list_views(ids, np.int32), *_list_views(mask, np.int8), img, valid, valid_off)
+                _Batch(
+                    rows=b.num_rows,
+                    ids_offsets=ids_off,
+                    ids_values=ids_val,
+                    mask_values=mask_val,
+                    offsets_pos=ids_off.ctypes.data - base.address,
+                    ids_pos=ids_val.ctypes.data - base.address,
+                    mask_pos=mask_val.ctypes.data - base.address,
+                    mask_offsets=mask_off,
+                    image=img,
+                    image_valid_pos=valid_pos,
+                    image_bit0=bit0,
+                    image_offsets_pos=str_off_pos,
+                    image_data_pos=str_data_pos,
+                )
             )
             starts.append(starts[-1] + b.num_rows)
         self._starts = starts
         self.num_rows = starts[-1]
+        self.release_pages()  # opening touched the metadata's pages (a whole large folio each)
+
+    # -- positioned reads ------------------------------------------------------------------------
+
+    @property
+    def fd(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.close()
 
     def _locate(self, j: int) -> tuple[_Batch, int]:
         if len(self._batches) == 1:
@@ -156,36 +212,67 @@ class MappedShard:
         k = bisect.bisect_right(self._starts, j) - 1
         return self._batches[k], j - self._starts[k]
 
+    def _bounds(self, b: _Batch, k: int) -> tuple[int, int]:
+        lo, hi = _pread(self.fd, b.offsets_pos + 4 * k, np.int32, 2).tolist()
+        return lo, hi
+
+    def read_row(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids int32 [L], loss_mask int8 [L]) of row ``j`` as fresh arrays (positioned reads)."""
+        b, k = self._locate(j)
+        lo, hi = self._bounds(b, k)
+        return _pread(self.fd, b.ids_pos + 4 * lo, np.int32, hi - lo), _pread(
+            self.fd, b.mask_pos + lo, np.int8, hi - lo
+        )
+
+    def read_length(self, j: int) -> int:
+        b, k = self._locate(j)
+        lo, hi = self._bounds(b, k)
+        return hi - lo
+
+    def read_has_image(self, j: int) -> bool:
+        b, k = self._locate(j)
+        if b.image is None:
+            return False
+        if b.image_valid_pos is None:
+            return True
+        bit = k + b.image_bit0
+        byte = _pread(self.fd, b.image_valid_pos + (bit >> 3), np.uint8, 1)[0]
+        return bool((byte >> (bit & 7)) & 1)
+
+    def read_image(self, j: int) -> str | None:
+        if not self.read_has_image(j):
+            return None
+        b, k = self._locate(j)
+        lo, hi = _pread(self.fd, b.image_offsets_pos + 4 * k, np.int32, 2).tolist()
+        return _pread(self.fd, b.image_data_pos + lo, np.uint8, hi - lo).tobytes().decode("utf-8")
+
+    # -- views into the mapping -------------------------------------------------------------------
+
     def row(self, j: int) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids int32 [L], loss_mask int8 [L]) of row ``j``: views into the mapping. Both columns
-        share the ids' offsets (the writer makes them equal; ``check_offsets`` verifies), which saves
-        touching a third region of the file per access."""
+        share the ids' offsets (the writer makes them equal; ``check_offsets`` verifies)."""
         b, k = self._locate(j)
         lo, hi = b.ids_offsets[k], b.ids_offsets[k + 1]
         return b.ids_values[lo:hi], b.mask_values[lo:hi]
-
-    def check_offsets(self) -> None:
-        """Both list columns must have identical offsets (reads every offset: done with hash checks)."""
-        for b in self._batches:
-            if not np.array_equal(b.ids_offsets, b.mask_offsets) or len(b.ids_values) != len(b.mask_values):
-                raise DatasetError(f"{self.path}: input_ids and loss_mask rows differ in length")
 
     def length(self, j: int) -> int:
         b, k = self._locate(j)
         return int(b.ids_offsets[k + 1] - b.ids_offsets[k])
 
     def has_image(self, j: int) -> bool:
-        b, k = self._locate(j)
-        if b.image is None:
-            return False
-        if b.image_valid is None:
-            return True
-        bit = k + b.image_offset
-        return bool((b.image_valid[bit >> 3] >> (bit & 7)) & 1)
+        return self.read_has_image(j)
 
     def image(self, j: int) -> str | None:
         b, k = self._locate(j)
         return None if b.image is None else b.image[k].as_py()
+
+    # -- whole-shard checks -----------------------------------------------------------------------
+
+    def check_offsets(self) -> None:
+        """Both list columns must have identical offsets (reads every offset: done with hash checks)."""
+        for b in self._batches:
+            if not np.array_equal(b.ids_offsets, b.mask_offsets) or len(b.ids_values) != len(b.mask_values):
+                raise DatasetError(f"{self.path}: input_ids and loss_mask rows differ in length")
 
     def iter_values(self):
         """The whole input_ids values buffer of each batch (for vocabulary checks)."""

@@ -40,24 +40,46 @@ def _pyarrow_rows(directory):
     return rows
 
 
-def test_random_access_matches_pyarrow(built, sp_model):
-    ds = PretokenizedDataset(built, tokenizer=sp_model, vocab_size=400, image_token_id=-200)
+@pytest.mark.parametrize("access", ["read", "view"])
+def test_random_access_matches_pyarrow(built, sp_model, access):
+    ds = PretokenizedDataset(built, tokenizer=sp_model, vocab_size=400, image_token_id=-200, access=access)
     rows = _pyarrow_rows(built)
     assert len(ds) == len(rows) == 60 and ds.kind == "caption" and ds.has_images
     for i in np.random.default_rng(0).permutation(len(ds)):
         s = ds[int(i)]
+        assert s["input_ids"].dtype == np.int32 and s["loss_mask"].dtype == np.int8
         assert s["input_ids"].tolist() == rows[i]["input_ids"]
         assert s["loss_mask"].tolist() == rows[i]["loss_mask"]
         assert s["image"] == rows[i]["image"]
         assert ds.length(int(i)) == len(rows[i]["input_ids"]) and ds.has_image(int(i))
-        # zero-copy views into the read-only mapping, not copies
-        assert not s["input_ids"].flags.owndata and not s["input_ids"].flags.writeable
+        if access == "view":  # zero-copy views into the read-only mapping
+            assert not s["input_ids"].flags.owndata and not s["input_ids"].flags.writeable
     with pytest.raises(IndexError):
         ds[60]
 
 
+def test_nullable_image_column(tmp_path, sp_model):
+    recs = [
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+        {"image": "x/1.png", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "b"}]},
+    ] * 5
+    src = write_jsonl(tmp_path / "l.jsonl", recs)
+    pretokenize(
+        [str(src)],
+        fmt="llava",
+        tokenizer=str(sp_model),
+        output=str(tmp_path / "ds"),
+        records_per_shard=3,
+        progress=False,
+    )
+    for access in ("read", "view"):
+        ds = PretokenizedDataset(tmp_path / "ds", access=access)
+        assert [ds[i]["image"] for i in range(10)] == [None, "x/1.png"] * 5
+        assert [ds.has_image(i) for i in range(10)] == [False, True] * 5
+
+
 def test_page_release_keeps_data_correct(built):
-    ds = PretokenizedDataset(built, release_every=256)  # release after every couple of rows
+    ds = PretokenizedDataset(built, access="view", release_every=256)  # release after every couple of rows
     first = [ds[i]["input_ids"].copy() for i in range(len(ds))]
     again = [ds[i]["input_ids"].copy() for i in reversed(range(len(ds)))][::-1]
     assert all((a == b).all() for a, b in zip(first, again))
@@ -66,6 +88,7 @@ def test_page_release_keeps_data_correct(built):
 def test_pickle_reopens(built):
     ds = PretokenizedDataset(built)
     clone = pickle.loads(pickle.dumps(ds))
+    assert clone.access == "read"
     assert clone[7]["input_ids"].tolist() == ds[7]["input_ids"].tolist() and clone[7]["image"] == ds[7]["image"]
 
 

@@ -211,6 +211,10 @@ def test_worker_count_gives_byte_identical_output(tmp_path, sp_model):
     assert len(outs[1][0]) == 7
     assert outs[1] == outs[2] == outs[3]
     assert outs[1][2]["records_skipped"] == 2
+    # fail mode with workers: the first bad record in input order is reported, from a worker process
+    with pytest.raises(PretokenizeError, match=rf"{src}:18: malformed JSON"):
+        _run([src], tmp_path / "fail", sp_model, workers=2, records_per_shard=10)
+    assert not (tmp_path / "fail" / "manifest.json").exists()
 
 
 def test_refuse_resume_and_overwrite(tmp_path, sp_model, monkeypatch):
