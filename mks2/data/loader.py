@@ -120,6 +120,10 @@ def open_datasets(cfg: RunConfig, split: str, *, verify_hashes: bool | None = No
         )
         for src in sources
     ]
+    fingerprints = {d.manifest["tokenizer"]["fingerprint"] for d in datasets}
+    if len(fingerprints) > 1:  # possible when data.tokenizer is unset: then nothing else catches it
+        listing = ", ".join(f"{d.path} ({d.manifest['tokenizer']['fingerprint'][:19]}...)" for d in datasets)
+        raise DatasetError(f"the datasets were tokenized with different tokenizers: {listing}")
     template = getattr(cfg.data.chat_template, "value", cfg.data.chat_template)
     for d in datasets:
         built_with = d.manifest.get("params", {}).get("chat_template")

@@ -154,6 +154,13 @@ def test_configuration_errors(corpora, sp_model, tmp_path):
     other = train_sentencepiece(tmp_path / "o.model", seed=3, vocab_size=390)
     with pytest.raises(DatasetError, match="fingerprint"):
         build_dataloader(run_config([str(corpora / "text")], tokenizer=str(other)), rank=0, world_size=1)
+    pretokenize(
+        [str(corpora / "text.jsonl")], fmt="text", tokenizer=str(other), output=str(tmp_path / "other"), progress=False
+    )
+    with pytest.raises(DatasetError, match="tokenized with different tokenizers"):
+        build_dataloader(
+            run_config([str(corpora / "text"), str(tmp_path / "other")], tokenizer=None), rank=0, world_size=1
+        )
     small_vocab = run_config([str(corpora / "text")], tokenizer=str(sp_model))
     small_vocab.model.vocab_size = 100
     with pytest.raises(DatasetError, match="model.vocab_size is 100"):
