@@ -8,7 +8,7 @@ world, a sentencepiece tokenizer and a tiny pre-trained CLIP vision tower, built
 Command line: ``python -m mks2.demo --cache-dir DIR`` builds (if needed) and prints the paths.
 """
 
-from mks2.demo.build import DEMO_VERSION, DemoSizes, build, build_dir_name, ensure_built, fingerprint
+from mks2.demo.builder import DEMO_VERSION, DemoSizes, build, build_dir_name, ensure_built, fingerprint
 from mks2.demo.resolve import NAMES, demo_path, is_demo, resolve, resolve_path
 
 __all__ = [

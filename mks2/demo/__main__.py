@@ -4,12 +4,13 @@ and print where everything is."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 
 from mks2.config import DataConfig
-from mks2.demo.build import CHAT_TEMPLATES, ensure_built
+from mks2.demo.builder import CHAT_TEMPLATES, ensure_built
 from mks2.demo.resolve import NAMES, demo_path
 
 
@@ -21,7 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    root, built = ensure_built(args.cache_dir, progress=not args.quiet)
+    # Libraries imported during the build may log to stdout (DeepSpeed's accelerator notice): keep
+    # stdout for our output only, so --json is parseable.
+    with contextlib.redirect_stdout(sys.stderr):
+        root, built = ensure_built(args.cache_dir, progress=not args.quiet)
     paths = {name: demo_path(root, name, chat_template=args.chat_template) for name in NAMES}
     if args.json:
         print(json.dumps({"root": str(root), "built": built, "paths": paths}, indent=2))

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from mks2.config import RunConfig
-from mks2.demo.build import CHAT_TEMPLATES, ensure_built
+from mks2.demo.builder import CHAT_TEMPLATES, ensure_built
 
 PREFIX = "demo:"
 # name -> path inside the build root; {template} is the run's chat template (instruction data).
