@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,6 +66,7 @@ def test_pooled_output_separates_object_identities(tower, single_object_scenes):
         random_feats = CLIPVisionModel(tower.config).eval()(pixel_values=px).pooler_output
     acc = softmax_probe_accuracy(feats[:450], y[:450], feats[450:], y[450:], 30)
     random_acc = softmax_probe_accuracy(random_feats[:450], y[:450], random_feats[450:], y[450:], 30)
+    print(f"\nobject-identity probe on the pooled output: pre-trained {acc:.3f}, random {random_acc:.3f}")
     assert acc >= 0.95, acc
     assert acc - random_acc >= 0.2, (acc, random_acc)
 
@@ -78,13 +80,13 @@ def test_prefix_patch_tokens_know_their_cell(tower, single_object_scenes, demo_r
     labels = torch.from_numpy(np.stack([patch_labels(s) for s in scenes[:300]]))[..., 0]  # [N, 9]
     x, y = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
     acc = softmax_probe_accuracy(x[:1800], y[:1800], x[1800:], y[1800:], 31)
+    print(f"\ncell-content probe on penultimate patch tokens: {acc:.3f}")
     assert acc >= 0.95, acc
 
 
-def test_captions_linearly_retrieve_their_heldout_image(tower, demo_root):
-    """What stage-1 retrieval needs: a linear map from an additive bag of caption facts to the pooled
-    output, fit on training pairs, ranks the right image first among the 100 held-out ones far above
-    chance (1%)."""
+def _linear_retrieval_recall(tower, demo_root: Path) -> tuple[float, float]:
+    """Fit a linear map from an additive bag of caption facts to the pooled output on 2000 training
+    pairs; return its (R@1, R@5) on the 100 held-out captions against the 100 held-out images."""
     train = read_jsonl(demo_root / "raw" / "captions.jsonl")[:2000]
     held = read_jsonl(demo_root / "raw" / "captions_heldout.jsonl")[:100]
 
@@ -101,8 +103,23 @@ def test_captions_linearly_retrieve_their_heldout_image(tower, demo_root):
     pred = t_held @ ridge(t_train, f_train - mean) + mean
     pred /= np.linalg.norm(pred, axis=1, keepdims=True)
     f_held /= np.linalg.norm(f_held, axis=1, keepdims=True)
-    recall_at_1 = float((np.argmax(pred @ f_held.T, axis=1) == np.arange(len(held))).mean())
-    assert recall_at_1 >= 0.6, recall_at_1
+    ranks = np.argsort(-(pred @ f_held.T), axis=1)  # [100, 100] gallery order per caption
+    hits = ranks == np.arange(len(held))[:, None]
+    return float(hits[:, :1].any(1).mean()), float(hits[:, :5].any(1).mean())
+
+
+def test_captions_linearly_retrieve_their_heldout_image(tower, demo_root):
+    """What stage-1 retrieval needs: the right held-out image ranks first far above chance (1%), and
+    pre-training is what makes it so."""
+    from transformers import CLIPVisionModel
+
+    torch.manual_seed(0)
+    random_tower = CLIPVisionModel(tower.config).eval()
+    r1, r5 = _linear_retrieval_recall(tower, demo_root)
+    random_r1, random_r5 = _linear_retrieval_recall(random_tower, demo_root)
+    print(f"\nlinear retrieval R@1/R@5: pre-trained {r1:.2f}/{r5:.2f}, random {random_r1:.2f}/{random_r5:.2f}")
+    assert r1 >= 0.6, r1
+    assert r1 - random_r1 >= 0.2, (r1, random_r1)
 
 
 def test_pretraining_report(demo_root):
