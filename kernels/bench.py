@@ -168,19 +168,38 @@ def mix_functions(backends: list[str]) -> dict[str, Callable | None]:
     return fns
 
 
+_SIDE_STREAM: torch.cuda.Stream | None = None
+
+
 def graphed(fn: Callable[[], object]) -> tuple[Callable[[], None], Callable[[], None]]:
     """Capture fn in a CUDA graph; returns (replay, release). Replays time the GPU work alone, without the
     Python/launch gaps that an isolated ~0.5 ms op otherwise shows on a slow host CPU."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graph requires
+    global _SIDE_STREAM
+    if _SIDE_STREAM is None:  # one side stream for every warm-up: the allocator caches blocks per stream
+        _SIDE_STREAM = torch.cuda.Stream()
+    _SIDE_STREAM.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(_SIDE_STREAM):  # warm-up on a side stream, as torch.cuda.graph requires
         for _ in range(2):
             fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay, graph.reset
+    torch.cuda.current_stream().wait_stream(_SIDE_STREAM)
+    for attempt in range(2):  # the first capture of a process has been seen to fail once with Triton 3.6
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                fn()
+            break
+        except RuntimeError as exc:
+            graph.reset()
+            if attempt == 1:
+                raise
+            print(f"  (CUDA graph capture failed once, retrying: {str(exc).splitlines()[0][:120]})", flush=True)
+
+    def release() -> None:
+        graph.reset()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+    return graph.replay, release
 
 
 def time_mix_passes(timer, fn: Callable, inputs: tuple[torch.Tensor, ...], dout: torch.Tensor, graph: bool) -> dict:

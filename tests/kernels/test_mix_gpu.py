@@ -76,5 +76,6 @@ def test_torch_compile_traces_the_op(backend: str):
     (gu_c,) = torch.autograd.grad(out_c.float().square().sum(), u)
     out_e = block(u)
     (gu_e,) = torch.autograd.grad(out_e.float().square().sum(), u)
-    torch.testing.assert_close(out_c, out_e, rtol=0, atol=0)
-    torch.testing.assert_close(gu_c, gu_e, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out_c, out_e, rtol=0, atol=0)  # same kernels, same bits
+    # Inductor fuses the loss around the op in its own precision: compare gradients by relative norm.
+    assert ((gu_c.double() - gu_e.double()).norm() / gu_e.double().norm()).item() < 1e-2
