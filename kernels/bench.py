@@ -188,7 +188,7 @@ def graphed(fn: Callable[[], object]) -> tuple[Callable[[], None], Callable[[], 
             with torch.cuda.graph(graph):
                 fn()
             break
-        except RuntimeError as exc:
+        except Exception as exc:  # torch.AcceleratorError / RuntimeError from the capture
             graph.reset()
             if attempt == 1:
                 raise
