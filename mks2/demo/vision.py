@@ -139,9 +139,15 @@ class _Trainer(nn.Module):
         self.scene_head = nn.Linear(HIDDEN, N_SCENE_LABELS)
 
     @torch.no_grad()
-    def embed_patches(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[N, 3, 96, 96] -> [N, 9, D] patch embeddings (the frozen conv)."""
-        return self.tower.get_input_embeddings()(pixels).flatten(2).transpose(1, 2)
+    def embed_patches(self, scenes: Sequence[Scene], chunk: int = 256) -> torch.Tensor:
+        """Render and embed scenes with the frozen conv -> [N, 9, D], a chunk at a time (the float
+        pixels of all images would take ~0.1 MB each)."""
+        conv = self.tower.get_input_embeddings()
+        parts = [
+            conv(pixel_values(render_batch(scenes[i : i + chunk]))).flatten(2).transpose(1, 2)
+            for i in range(0, len(scenes), chunk)
+        ]
+        return torch.cat(parts)
 
     def forward(self, patches: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """patches [B, 9, D] -> (hidden states after each layer [B, 10, D], pooled CLS [B, D]);
@@ -176,7 +182,7 @@ def pretrain_tower(recipe: TowerRecipe = TowerRecipe(), *, progress: bool = True
 
     rng = random.Random(recipe.seed)
     train_scenes, eval_scenes = _scenes(rng, recipe.n_images), _scenes(rng, recipe.n_eval_images)
-    x_eval = pixel_values(render_batch(eval_scenes))  # [N, 3, 96, 96]
+    x_eval = pixel_values(render_batch(eval_scenes[:64]))  # [64, 3, 96, 96]: checks the forward
     y_train = [torch.from_numpy(np.stack([f(s) for s in train_scenes])) for f in (patch_labels, scene_labels)]
     y_eval = [torch.from_numpy(np.stack([f(s) for s in eval_scenes])) for f in (patch_labels, scene_labels)]
 
@@ -187,8 +193,8 @@ def pretrain_tower(recipe: TowerRecipe = TowerRecipe(), *, progress: bool = True
             torch.manual_seed(recipe.seed)
             trainer = _Trainer(CLIPVisionModel(vision_config()))
             trainer.tower.get_input_embeddings().requires_grad_(False)
-            p_train = trainer.embed_patches(pixel_values(render_batch(train_scenes)))  # [N, 9, D]
-            p_eval = trainer.embed_patches(x_eval)
+            p_train = trainer.embed_patches(train_scenes)  # [N, 9, D]
+            p_eval = trainer.embed_patches(eval_scenes)
             params = [p for p in trainer.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.01)
             gen = torch.Generator().manual_seed(recipe.seed)
@@ -204,7 +210,7 @@ def pretrain_tower(recipe: TowerRecipe = TowerRecipe(), *, progress: bool = True
             trainer.eval()
             with torch.no_grad():
                 _, patch_ok, scene_ok = trainer.losses(p_eval, *y_eval)
-                pooled = trainer(p_eval)[1]
+                pooled = trainer(p_eval[:64])[1]
                 reference = trainer.tower(pixel_values=x_eval).pooler_output
     finally:
         torch.set_num_threads(threads)
