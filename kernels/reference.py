@@ -30,7 +30,7 @@ def forward(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> tuple[torch.Te
     logits = x.to(acc) @ w.to(acc).t()  # [T, E] fp32: gates are computed in fp32 (DESIGN §1)
     gates = torch.softmax(logits, dim=-1)  # [T, E]
     out = torch.einsum("te,etd->td", gates, y.to(acc))  # [T, d]
-    return out.to(x.dtype), gates
+    return out.to(x.dtype).contiguous(), gates  # contiguous: the custom op's fake promises it
 
 
 def backward(
@@ -45,7 +45,7 @@ def backward(
     dlogits = gates * (dg - (gates * dg).sum(-1, keepdim=True))  # [T, E]
     dx = dlogits @ w.to(acc)  # [T, d]
     dw = dlogits.t() @ x.to(acc)  # [E, d]
-    return dx.to(x.dtype), dw.to(w.dtype), dy.to(y.dtype)
+    return dx.to(x.dtype).contiguous(), dw.to(w.dtype).contiguous(), dy.to(y.dtype).contiguous()
 
 
 def mix_autograd(x: torch.Tensor, router_weight: torch.Tensor, expert_outputs: torch.Tensor) -> torch.Tensor:
