@@ -108,8 +108,8 @@ def exclusive_lock(path: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.info("demo: another process is building %s; waiting for it", path.with_suffix(""))
-            print(f"demo: another process holds {path}; waiting for its build", file=sys.stderr, flush=True)
+            # warning level: shown even when the caller configured no logging (lastResort handler)
+            log.warning("demo: another process holds %s; waiting for its build", path)
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
