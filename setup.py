@@ -43,7 +43,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["mks2", "mks2.*"]) + ["mks2_kernels"],
     package_dir={"mks2_kernels": "kernels"},
-    package_data={"mks2": ["configs/*.yaml"], "mks2_kernels": ["csrc/*.cu", "csrc/*.cpp"]},
+    package_data={"mks2": ["configs/*.yaml"], "mks2_kernels": ["csrc/*.cu", "csrc/*.cpp", "csrc/*.h", "README.md"]},
     install_requires=REQUIRES,
     extras_require=EXTRAS,
 )
