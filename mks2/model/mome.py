@@ -57,12 +57,14 @@ class MoMERouter(nn.Module):
         return torch.softmax(u.float() @ self.weight.float().t(), dim=-1)
 
     def forward(self, u: torch.Tensor, expert_outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """u [B, S, D], expert_outputs [E, B, S, D] -> (mixed [B, S, D] in u's dtype, gates [B, S, E] fp32)."""
+        """u [B, S, D], expert_outputs [E, B, S, D] -> (mixed [B, S, D] in u's dtype, gates [B, S, E] fp32,
+        detached)."""
         assert expert_outputs.shape[0] == self.num_experts, expert_outputs.shape
         if self.forced_gates is not None:
             g = self.forced_gates.to(u.device)
             mixed = torch.einsum("e,e...d->...d", g, expert_outputs.float()).to(u.dtype)
             return mixed, self.gates(u)
-        mixed = ops.mome_mix(u, self.weight, expert_outputs, backend=self.kernel_backend)
-        # Gates again for aux outputs/diagnostics: [B, S, E], a D x E product, negligible next to the experts.
-        return mixed, self.gates(u)
+        # The op hands back the gates it used (detached): diagnostics without recomputing them under
+        # autograd, which would keep an fp32 copy of u per layer for the backward.
+        mixed, gates = ops.mome_mix(u, self.weight, expert_outputs, backend=self.kernel_backend, return_gates=True)
+        return mixed, gates
