@@ -240,7 +240,12 @@ class TrainConfig:
     max_skipped_steps: int = 10
     """Consecutive non-finite steps after which the run stops."""
     log_interval: int = 1
+    """Optimizer steps between progress-bar updates (metrics.jsonl always gets every step)."""
     tensorboard: bool = False
+    """Write TensorBoard events (DeepSpeed's monitor) under ``<save_dir>/tensorboard``."""
+    eval_interval: int = 0
+    """Optimizer steps between held-out evaluations on ``data.eval_datasets`` (stage 1: text-to-image
+    retrieval top-1/top-5); 0 evaluates only at the end of training, -1 never."""
 
 
 @dataclass(kw_only=True)
@@ -546,6 +551,10 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"train.max_skipped_steps: must be >= 1, got {t.max_skipped_steps}")
     if t.grad_clip < 0:
         p.append(f"train.grad_clip: must be >= 0, got {t.grad_clip}")
+    if t.eval_interval < -1:
+        p.append(f"train.eval_interval: must be >= -1 (0: at the end only, -1: never), got {t.eval_interval}")
+    if t.log_interval < 1:
+        p.append(f"train.log_interval: must be >= 1, got {t.log_interval}")
 
     if par.pipeline_stages < 1:
         p.append(f"parallel.pipeline_stages: must be positive, got {par.pipeline_stages}")
