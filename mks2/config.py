@@ -89,6 +89,12 @@ class ChatTemplate(str, enum.Enum):
     VICUNA_V1 = "vicuna_v1"
 
 
+class SFTData(str, enum.Enum):
+    ALL = "all"  # every dataset of data.datasets (MKS2)
+    TEXT = "text"  # text-only instruction datasets only: the 'w/o multimodal SFT' ablation
+    MULTIMODAL = "multimodal"  # datasets with images only: the 'w/o text SFT' ablation
+
+
 # --------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------
@@ -230,6 +236,9 @@ class TrainConfig:
     """Stage 1: weight of the image-to-text generation loss."""
     retrieval_loss_weight: float = 1.0
     """Stage 1: weight of the text-to-image contrastive loss."""
+    sft_data: SFTData = SFTData.ALL
+    """Stage 2: which of ``data.datasets`` to train on, by kind: ``all``, ``text`` (datasets without images;
+    the 'w/o multimodal SFT' ablation) or ``multimodal`` (datasets with images; 'w/o text SFT')."""
     save_dir: str = "runs/default"
     save_interval: int = 500
     """Optimizer steps between checkpoints; 0 saves only at the end."""
