@@ -160,7 +160,7 @@ def _build_zero3(cfg: RunConfig, task: StageTask, ds_config: dict, dtype: torch.
         lr_scheduler=lambda opt: build_scheduler(opt, cfg.train),
         dist_init_required=False,
     )
-    dp_group = None if distributed.world_size() == 1 else dist.group.WORLD
+    dp_group = dist.group.WORLD  # never None: None would mean "the world" to torch.distributed anyway
     task.dp_group = dp_group
     return TrainingEngine(
         engine=engine,
@@ -227,7 +227,7 @@ def _build_pipeline(
         dist_init_required=False,
     )
     grid = engine.grid
-    dp_group = grid.get_data_parallel_group() if grid.get_data_parallel_world_size() > 1 else None
+    dp_group = grid.get_data_parallel_group()  # a size-1 group when there is one replica: gathers are no-ops
     task.dp_group = dp_group
     return TrainingEngine(
         engine=engine,

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mks2.config import ConfigError, ParallelMode, RunConfig, check_world_size
+from mks2.config import ConfigError, ParallelMode, RunConfig, check_world_size, to_dict
 from mks2.training import checkpoint as ckpt
 from mks2.training import distributed, faults
 from mks2.training.engine import TrainingEngine, build_engine
@@ -84,52 +84,25 @@ class Trainer:
 
     # ---- resume -------------------------------------------------------------------------------
 
-    def resume(self) -> None:
-        """Restore the newest / requested checkpoint (``train.resume``), or start fresh."""
-        choice: list[Any] = [None]
-        if self.rank == 0:
-            try:
-                found = ckpt.find_resume(self.save_dir, str(self.cfg.train.resume))
-                choice[0] = ("ok", found.tag if found else None)
-            except ckpt.CheckpointError as exc:
-                choice[0] = ("error", str(exc))
-        if dist.is_initialized():
-            dist.broadcast_object_list(choice, src=0)
-        kind, value = choice[0]
-        if kind == "error":
-            raise ckpt.CheckpointError(value)
-        if value is None:
+    def resume(self, tag: str | None) -> None:
+        """Restore checkpoint ``tag`` (chosen and checked by :func:`plan_resume`), or start fresh."""
+        if tag is None:
             self._start_data(None)
             return
-        path = self.save_dir / value
-        trainer_state, saved_cfg = ckpt.read_meta(path)
-        self._check_compatible(path, trainer_state, saved_cfg)
+        path = self.save_dir / tag
+        trainer_state, _ = ckpt.read_meta(path)
         load_path, _ = self.engine.load_checkpoint(
-            str(self.save_dir), tag=value, load_optimizer_states=True, load_lr_scheduler_states=True
+            str(self.save_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if load_path is None:
             raise ckpt.CheckpointError(f"DeepSpeed could not load {path}")
         rank_state = ckpt.load_rank_state(path, self.rank)
         self.state = TrainState(**trainer_state["loop"])
-        self.last_saved = value
+        self.last_saved = tag
         self._start_data(rank_state["loader"])
         ckpt.set_rng_state(rank_state["rng"])  # last: nothing after this may draw random numbers
         if self.rank == 0:
             log.info("resumed from %s (step %d)", path, self.state.step)
-
-    def _check_compatible(self, path: Path, trainer_state: dict, saved_cfg: dict) -> None:
-        problems = ckpt.shape_changes(saved_cfg, self.te.resolved_config)
-        run = trainer_state.get("run", {})
-        now = {"mode": self.te.mode.value, "pipeline_stages": self.te.pp_stages, "data_parallel_size": self.te.dp_size}
-        for key, value in now.items():
-            if run.get(key) != value:
-                problems.append(f"{key}: checkpoint {run.get(key)!r}, now {value!r}")
-        if problems:
-            raise ckpt.CheckpointError(
-                f"{path} cannot be resumed by this run; these settings differ:\n  - "
-                + "\n  - ".join(problems)
-                + "\nResume with the checkpoint's settings, or start a new run in another train.save_dir."
-            )
 
     # ---- one optimizer step -------------------------------------------------------------------
 
@@ -210,6 +183,7 @@ class Trainer:
             tokens_per_s=vec[2 + k].item() / elapsed,
             step_time_s=elapsed,
             skipped=int(skipped),
+            skipped_ranks=int(vec[4 + k].item()),  # ranks whose engine discarded the update (all or none)
             skipped_total=self.state.skipped_total,
         )
         peak = peak_flops_per_device(self.cfg.train.precision.value)
@@ -235,13 +209,8 @@ class Trainer:
         loader_state = self.loader.state_dict() if self.loader is not None else None
         ckpt.save_rank_state(path, self.rank, loader_state)
         if self.rank == 0:
-            run = {
-                "mode": self.te.mode.value,
-                "pipeline_stages": self.te.pp_stages,
-                "data_parallel_size": self.te.dp_size,
-                "world_size": distributed.world_size(),
-                "stage": self.task.stage.value,
-            }
+            run = run_layout(self.cfg, distributed.world_size())
+            run.update(world_size=distributed.world_size(), stage=self.task.stage.value)
             ckpt.write_meta(path, {"loop": asdict(self.state), "run": run}, self.te.resolved_config)
         distributed.barrier()  # every rank's files are written
         if self.rank == 0:
@@ -253,12 +222,18 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------
 
+    def _eval_due(self, step: int) -> bool:
+        every = self.cfg.train.eval_interval
+        if every < 0:
+            return False
+        return step == self.cfg.train.max_steps or (every > 0 and step % every == 0)
+
     def fit(self) -> str:
         """Train to ``train.max_steps`` (or until preempted). Returns ``done`` or ``preempted``."""
         cfg = self.cfg.train
         metrics = MetricsLog(
             self.save_dir, enabled=self.rank == 0, total_steps=cfg.max_steps, start_step=self.state.step,
-            monitor=getattr(self.engine, "monitor", None),
+            monitor=getattr(self.engine, "monitor", None), log_interval=cfg.log_interval,
         )  # fmt: skip
         metrics.truncate_after(self.state.step)
         self.preempt.install()
@@ -266,8 +241,13 @@ class Trainer:
         try:
             while self.state.step < cfg.max_steps:
                 record = self.train_step()
-                metrics.write(record)
                 step = self.state.step
+                if self._eval_due(step):
+                    results = self.task.evaluate(self)
+                    record.update(results)
+                    if results:
+                        metrics.message(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in results.items()))
+                metrics.write(record)
                 if record["skipped"]:
                     metrics.message(f"step {step}: non-finite loss or gradient norm; update skipped on all ranks")
                     if self.state.consecutive_skips >= cfg.max_skipped_steps:
@@ -292,15 +272,63 @@ class Trainer:
             metrics.close()
 
 
+def run_layout(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    """The parallel layout recorded in (and checked against) every checkpoint."""
+    stages = cfg.parallel.pipeline_stages if cfg.parallel.mode == ParallelMode.PIPELINE else 1
+    return {"mode": cfg.parallel.mode.value, "pipeline_stages": stages, "data_parallel_size": world_size // stages}
+
+
+def plan_resume(cfg: RunConfig, world_size: int) -> str | None:
+    """Resolve ``train.resume`` to a checkpoint tag (None: fresh start) and check that this run can
+    continue it -- same model shape, parallel mode and layout -- BEFORE any engine is built. Rank 0
+    decides, every rank gets the same answer (or the same CheckpointError)."""
+    answer: list[Any] = [None]
+    if distributed.rank() == 0:
+        try:
+            found = ckpt.find_resume(cfg.train.save_dir, str(cfg.train.resume))
+            if found is not None:
+                trainer_state, saved_cfg = ckpt.read_meta(found.path)
+                problems = ckpt.shape_changes(saved_cfg, resolved_config(cfg))
+                saved_run, now = trainer_state.get("run", {}), run_layout(cfg, world_size)
+                problems += [
+                    f"{k}: checkpoint {saved_run.get(k)!r}, now {v!r}" for k, v in now.items() if saved_run.get(k) != v
+                ]
+                if problems:
+                    raise ckpt.CheckpointError(
+                        f"{found.path} cannot be resumed by this run; these settings differ:\n  - "
+                        + "\n  - ".join(problems)
+                        + "\nResume with the checkpoint's settings, or start a new run in another train.save_dir."
+                    )
+            answer[0] = ("ok", found.tag if found else None)
+        except ckpt.CheckpointError as exc:
+            answer[0] = ("error", str(exc))
+    if dist.is_initialized():
+        dist.broadcast_object_list(answer, src=0)
+    kind, value = answer[0]
+    if kind == "error":
+        raise ckpt.CheckpointError(value)
+    return value
+
+
+def resolved_config(cfg: RunConfig) -> dict[str, Any]:
+    """The config as the model will be built: architecture read from ``model.init_from`` if set."""
+    if cfg.model.init_from:
+        from mks2.model import apply_config_from_hf
+
+        apply_config_from_hf(cfg, cfg.model.init_from)
+    return to_dict(cfg)
+
+
 def run_training(cfg: RunConfig, task: StageTask) -> str:
     """Everything after the config is loaded: distributed start-up, checks, engine, resume, loop."""
     distributed.init_distributed()
     preflight(cfg, task, distributed.world_size())
+    tag = plan_resume(cfg, distributed.world_size())
     built = build_engine(cfg, task)
     if distributed.rank() == 0:
         print(built.summary, flush=True)
     trainer = Trainer(cfg, task, built)
-    trainer.resume()
+    trainer.resume(tag)
     outcome = trainer.fit()
     if outcome == "done" and distributed.rank() == 0:
         log.info("training finished at step %d; checkpoint %s", trainer.state.step, trainer.last_saved)

@@ -51,7 +51,17 @@ def train_flops_per_position(llm_params: int, trainable_params: int, num_layers:
 class MetricsLog:
     """Rank 0's ``<save_dir>/metrics.jsonl``, the tqdm bar and TensorBoard events."""
 
-    def __init__(self, save_dir: str | Path, *, enabled: bool, total_steps: int, start_step: int, monitor: Any = None):
+    def __init__(
+        self,
+        save_dir: str | Path,
+        *,
+        enabled: bool,
+        total_steps: int,
+        start_step: int,
+        monitor: Any = None,
+        log_interval: int = 1,
+    ):
+        self.log_interval = log_interval
         self.path = Path(save_dir) / "metrics.jsonl"
         self.enabled = enabled
         self.monitor = monitor if monitor is not None and getattr(monitor, "enabled", False) else None
@@ -80,13 +90,6 @@ class MetricsLog:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record, allow_nan=True) + "\n")
-        self.bar.update(1)
-        self.bar.set_postfix(
-            loss=_fmt(record.get("loss")),
-            tok_s=f"{record.get('tokens_per_s', 0):.0f}",
-            lr=f"{record.get('lr', 0):.2e}",
-            skipped=record.get("skipped_total", 0),
-        )
         if self.monitor is not None:
             step = record["step"]
             events = [
@@ -95,6 +98,14 @@ class MetricsLog:
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
             ]
             self.monitor.write_events(events)
+        self.bar.update(1)
+        if record["step"] % self.log_interval == 0:
+            self.bar.set_postfix(
+                loss=_fmt(record.get("loss")),
+                tok_s=f"{record.get('tokens_per_s', 0):.0f}",
+                lr=f"{record.get('lr', 0):.2e}",
+                skipped=record.get("skipped_total", 0),
+            )
 
     def message(self, text: str) -> None:
         if self.enabled:

@@ -23,7 +23,7 @@ from torch import nn
 from mks2.config import RunConfig, Stage, VisionKind
 from mks2.model import causal_lm_loss, embed_inputs
 from mks2.training.losses import contrastive_loss
-from mks2.training.task import MetricSink, PipelineSpec, StageTask
+from mks2.training.task import PipelineSpec, StageTask
 
 IGNORE_INDEX = -100
 
@@ -45,6 +45,7 @@ def stack_views(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def stage1_loss(
+    task: Stage1Task,
     *,
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -52,22 +53,24 @@ def stage1_loss(
     text_emb: torch.Tensor,
     image_emb: torch.Tensor,
     logit_scale: torch.Tensor,
-    caption_weight: float,
-    retrieval_weight: float,
-    group: Any,
-    sink: MetricSink,
 ) -> torch.Tensor:
-    """Weighted caption + retrieval loss of one micro-batch; records the metrics in ``sink``.
+    """Weighted caption + retrieval loss of one micro-batch; records the metrics in ``task.sink``.
 
     logits [B, S, V] and labels/segment_ids [B, S] of the caption rows; text_emb [B, E] and image_emb
-    [B, E] L2-normalised; logit_scale the log-scale parameter; group: the data-parallel group."""
+    [B, E] L2-normalised; logit_scale the log-scale parameter. Negatives span ``task.dp_group``.
+    In evaluation (``task.collect`` is a list) the embeddings are collected instead and no loss is
+    computed (so no collective runs)."""
     from mks2.training.faults import maybe_poison
 
+    if task.collect is not None:
+        task.collect.append((text_emb.detach().float(), image_emb.detach().float()))
+        return torch.zeros((), device=logits.device)
+    t = task.cfg.train
     loss_caption, _ = causal_lm_loss(logits, labels, segment_ids)
-    loss_retrieval, acc = contrastive_loss(text_emb, image_emb, logit_scale, group)
-    loss = caption_weight * loss_caption + retrieval_weight * loss_retrieval
+    loss_retrieval, acc = contrastive_loss(text_emb, image_emb, logit_scale, task.dp_group)
+    loss = t.caption_loss_weight * loss_caption + t.retrieval_loss_weight * loss_retrieval
     loss = maybe_poison(loss)
-    sink.record(
+    task.sink.record(
         {
             "loss_caption": loss_caption,
             "loss_retrieval": loss_retrieval,
@@ -109,16 +112,13 @@ class Stage1Objective(nn.Module):
         logits = self.model.lm_head(hidden[:n_cap])  # [B, S, V]: the vocabulary projection of caption rows only
         text_emb = self.model.retrieval.encode_text(hidden[n_cap:], ret_eos_index)  # [B, E]
         return stage1_loss(
+            task,
             logits=logits,
             labels=labels,
             segment_ids=segment_ids[:n_cap],
             text_emb=text_emb,
             image_emb=image_emb,
             logit_scale=self.model.retrieval.logit_scale,
-            caption_weight=task.cfg.train.caption_loss_weight,
-            retrieval_weight=task.cfg.train.retrieval_loss_weight,
-            group=task.dp_group,
-            sink=task.sink,
         )
 
 
@@ -207,18 +207,14 @@ class Stage1PipeLoss:
     def __call__(self, outputs: tuple[torch.Tensor, ...], labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
         logits, segment_ids, text_emb, logit_scale = outputs
         caption_labels, image_emb = labels
-        t = self.task
         return stage1_loss(
+            self.task,
             logits=logits,
             labels=caption_labels,
             segment_ids=segment_ids,
             text_emb=text_emb,
             image_emb=image_emb,
             logit_scale=logit_scale.reshape(()),
-            caption_weight=t.cfg.train.caption_loss_weight,
-            retrieval_weight=t.cfg.train.retrieval_loss_weight,
-            group=t.dp_group,
-            sink=t.sink,
         )
 
 
@@ -234,6 +230,7 @@ class Stage1Task(StageTask):
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
         self.dp_group = None  # set by the engine builder once the data-parallel group exists
+        self.collect: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # evaluation: embeddings
 
     def check(self, cfg: RunConfig) -> list[str]:
         p = []
@@ -268,6 +265,13 @@ class Stage1Task(StageTask):
         stacked["image_emb"] = F.normalize(enc.pooled.float(), dim=-1)
         stacked["ret_eos_index"] = batch["ret_eos_index"].to(device)
         return stacked
+
+    def evaluate(self, trainer: Any) -> dict[str, float]:
+        if not self.cfg.data.eval_datasets:
+            return {}
+        from mks2.training.evaluate import retrieval_eval
+
+        return retrieval_eval(trainer)
 
     def count_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["segment_ids"] != 0).sum() + (batch["ret_segment_ids"] != 0).sum())

@@ -100,6 +100,11 @@ class StageTask(abc.ABC):
     def pipeline_tuples(self, prepared: dict[str, torch.Tensor]) -> tuple[tuple, tuple]:
         """Prepared batch -> (first-stage inputs, last-stage labels) for the pipeline engine."""
 
+    def evaluate(self, trainer: Any) -> dict[str, float]:
+        """Held-out evaluation run by every rank together (``train.eval_interval``); metrics merged into
+        that step's record. Default: none."""
+        return {}
+
     def count_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         """Real (non-padding) tokens processed for this batch, for tokens/s."""
         return int((batch["segment_ids"] != 0).sum())

@@ -1,0 +1,288 @@
+"""Continuing from a stage-1 checkpoint: what stage 2 (``model.init_from_stage1``) takes from it.
+
+A stage-2 model gets
+- its architecture (sizes, MVM placement and layers, vision kind) from the stage-1 run's saved config,
+  so the two can never disagree (:func:`adopt_stage1_config`);
+- the MVM experts and the visual mapping layer from the stage-1 checkpoint (the weights stage 1 trained);
+- the frozen base (embeddings, attention, MLP, norms, head) from the stage-1 run's init: ``model.init_from``
+  (the same HF Llama directory stage 1 started from, streamed by ``build_model``) or, when stage 1 started
+  from a random initialisation (the demo), from the checkpoint itself, the only record of those weights.
+
+Stage-1-only modules (the retrieval head) are not part of a stage-2 model and are dropped. Either parallel
+mode's checkpoints are read (through ``mks2.checkpoint.open_consolidated``, tensor by tensor).
+
+Only global rank 0 reads the checkpoint: under ZeRO-3 every copy happens inside
+``GatheredParameters(modifier_rank=0)`` (rank 0's values are what gets partitioned); without it (pipeline
+mode builds the full model on every rank) rank 0's values are broadcast. Every rank walks the same
+parameter list in the same order, so the collectives match.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from mks2.config import RunConfig, Stage, VisionKind
+from mks2.training import checkpoint as ckpt
+
+log = logging.getLogger("mks2.training")
+
+WeightGather = Callable[[list[nn.Parameter]], contextlib.AbstractContextManager]
+
+ARCHITECTURE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_scaling",
+    "tie_word_embeddings",
+    "mvm.placement",
+    "mvm.layers",
+    "mvm.intermediate_size",
+)
+"""``model.*`` keys a stage-2 model takes from the stage-1 run (the checkpoint's tensors depend on them)."""
+
+VISION_KEYS = ("kind", "path", "image_token_id", "image_size", "feature_layer")
+"""``model.vision.*`` keys taken from the stage-1 run unless stage 2 is text-only (``vision.kind=none``)."""
+
+STAGE1_ONLY_PREFIXES = ("retrieval.",)
+"""Parameters of a stage-1 model that a stage-2 model does not have (dropped)."""
+
+
+@dataclass(frozen=True)
+class Stage1Source:
+    """A complete stage-1 checkpoint: ``save_dir``/``tag``, the run's resolved config and trainer state."""
+
+    save_dir: Path
+    tag: str
+    config: dict[str, Any]
+    trainer: dict[str, Any]
+
+    @property
+    def path(self) -> Path:
+        return self.save_dir / self.tag
+
+    @property
+    def init_from(self) -> str | None:
+        return self.config.get("model", {}).get("init_from")
+
+
+def locate_stage1(path: str | Path) -> Stage1Source:
+    """``model.init_from_stage1`` -> the checkpoint to read: a stage-1 ``train.save_dir`` (its newest complete
+    checkpoint) or one ``step_XXXXXXXX`` directory in it. Raises CheckpointError saying what is wrong."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ckpt.CheckpointError(f"model.init_from_stage1: {p} does not exist")
+    if ckpt.TAG_RE.match(p.name) and p.is_dir():
+        if not (p / ckpt.MARKER).is_file():
+            raise ckpt.CheckpointError(
+                f"model.init_from_stage1: {p} is incomplete (no {ckpt.MARKER} marker: its save was interrupted)"
+            )
+        save_dir, tag = p.parent, p.name
+    else:
+        try:
+            found = ckpt.find_resume(p, "require")
+        except ckpt.CheckpointError as exc:
+            raise ckpt.CheckpointError(f"model.init_from_stage1: {exc}") from exc
+        assert found is not None
+        save_dir, tag = p, found.tag
+    trainer, config = ckpt.read_meta(save_dir / tag)
+    stage = trainer.get("run", {}).get("stage") or config.get("model", {}).get("stage")
+    if stage != Stage.MVM.value:
+        raise ckpt.CheckpointError(
+            f"model.init_from_stage1: {save_dir / tag} was written by a stage {stage!r} run; stage 2 continues "
+            f"from a stage-1 ('{Stage.MVM.value}') checkpoint"
+        )
+    return Stage1Source(save_dir=save_dir, tag=tag, config=config, trainer=trainer)
+
+
+_ABSENT = object()
+
+
+def _get(d: dict[str, Any], dotted: str) -> Any:
+    """Value at a dotted key of a plain nested dict, ``_ABSENT`` when a level is missing."""
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return _ABSENT
+        d = d[part]
+    return d
+
+
+def _set(node: Any, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = getattr(node, part)
+    setattr(node, leaf, value)
+
+
+def _read(node: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return getattr(node, "value", node)
+
+
+def adopt_stage1_config(cfg: RunConfig, source: Stage1Source) -> list[str]:
+    """Set ``cfg.model``'s architecture (and ``init_from`` when unset) from the stage-1 run, in place.
+
+    Returns one note per value that changed, for the log. ``model.init_from`` set in both runs to
+    different directories is allowed (a moved copy) but noted: the frozen base must be the same weights."""
+    m = cfg.model
+    saved = source.config.get("model", {})
+    notes: list[str] = []
+
+    def adopt(dotted: str) -> None:
+        new = _get(saved, dotted)
+        if new is _ABSENT:
+            return  # a config written before this key existed: keep ours
+        old = _read(m, dotted)
+        if old != new:
+            notes.append(f"model.{dotted}: {old!r} -> {new!r} (from the stage-1 run)")
+            _set(m, dotted, new)
+
+    for key in ARCHITECTURE_KEYS:
+        adopt(key)
+    if VisionKind(m.vision.kind) != VisionKind.NONE:
+        if _get(saved, "vision.kind") in (_ABSENT, None, VisionKind.NONE.value):
+            raise ckpt.CheckpointError(
+                f"model.vision.kind={VisionKind(m.vision.kind).value} but the stage-1 run {source.path} had no "
+                "vision front-end"
+            )
+        for key in VISION_KEYS:
+            adopt(f"vision.{key}")
+    if source.init_from:
+        if not m.init_from:
+            m.init_from = source.init_from
+            notes.append(f"model.init_from: None -> {source.init_from!r} (the stage-1 run's base model)")
+        elif str(Path(m.init_from).expanduser()) != str(Path(source.init_from).expanduser()):
+            notes.append(
+                f"model.init_from={m.init_from!r} differs from the stage-1 run's {source.init_from!r}: the frozen "
+                "base must be the same weights stage 1 trained with"
+            )
+    elif m.init_from:
+        notes.append(
+            f"model.init_from={m.init_from!r} is set but the stage-1 run started from a random base; the frozen "
+            "base will be read from the stage-1 checkpoint instead"
+        )
+        m.init_from = None
+    return notes
+
+
+def wanted_from_stage1(name: str, *, base_from_checkpoint: bool) -> bool:
+    """Whether stage-2 parameter ``name`` is read from the stage-1 checkpoint (see module docstring)."""
+    if "lora_A" in name or "lora_B" in name or ".router." in name:
+        return False  # stage-2 parameters: fresh
+    if name.startswith("vision.") and not name.startswith("vision.mapping."):
+        return False  # frozen towers: from model.vision.path, as in stage 1
+    if ".mvm." in name or name.startswith("vision.mapping."):
+        return True
+    return base_from_checkpoint
+
+
+def _outside_zero_init():
+    """Suspend an active ``deepspeed.zero.Init`` (reading a checkpoint may build modules, which must not be
+    partitioned); a no-op without DeepSpeed or outside zero.Init."""
+    try:
+        from deepspeed.runtime.zero import partition_parameters as pp
+    except ImportError:  # pragma: no cover - deepspeed is a dependency of mks2.training
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def paused():
+        active = pp.top_level_context is not None
+        if active:
+            pp.shutdown_init_context()
+        try:
+            yield
+        finally:
+            if active:
+                pp.restore_init_context()
+
+    return paused()
+
+
+def read_stage1_tensors(source: Stage1Source, want: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+    """The stage-1 model's tensors whose names (our parameter names) pass ``want``, on the CPU.
+    ``mks2.checkpoint`` reads either parallel mode's files."""
+    from mks2.checkpoint import open_consolidated
+
+    with _outside_zero_init(), open_consolidated(source.save_dir, tag=source.tag) as stored:
+        # tensor by tensor: only what stage 2 takes is read (all of a 7B base is never materialised twice)
+        return {name: stored.get(name).detach().cpu() for name in stored.meta if want(name)}
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _shape(p: nn.Parameter) -> tuple[int, ...]:
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
+def load_stage1_weights(
+    model: nn.Module, source: Stage1Source, *, weight_gather: WeightGather | None = None
+) -> list[str]:
+    """Copy the stage-1 tensors a stage-2 ``model`` takes (see :func:`wanted_from_stage1`) into it.
+
+    Every rank must call this (collectives). Returns the names loaded. Raises CheckpointError on every rank
+    when the checkpoint lacks a tensor or holds it with another shape."""
+    rank, world = _world()
+    base_from_ckpt = not source.init_from
+    targets = [
+        (n, p) for n, p in model.named_parameters() if wanted_from_stage1(n, base_from_checkpoint=base_from_ckpt)
+    ]
+    state: dict[str, torch.Tensor] = {}
+    problem: list[Any] = [None]
+    if rank == 0:
+        names = {n for n, _ in targets}
+        try:
+            state = read_stage1_tensors(source, lambda k: k in names)
+            missing = [n for n, _ in targets if n not in state]
+            wrong = [f"{n} {tuple(state[n].shape)} vs {_shape(p)}" for n, p in targets if n in state and
+                     tuple(state[n].shape) != _shape(p)]  # fmt: skip
+            if missing or wrong:
+                parts = []
+                if missing:
+                    parts.append(f"missing {len(missing)} tensor(s) (first: {', '.join(missing[:5])})")
+                if wrong:
+                    parts.append(f"shape mismatch (checkpoint vs model) for {', '.join(wrong[:5])}")
+                problem[0] = f"stage-1 checkpoint {source.path} does not fit this stage-2 model: " + "; ".join(parts)
+        except ckpt.CheckpointError as exc:
+            problem[0] = str(exc)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            problem[0] = f"cannot read stage-1 checkpoint {source.path}: {type(exc).__name__}: {exc}"
+    if world > 1:
+        dist.broadcast_object_list(problem, src=0)  # every rank raises together, before any gather
+    if problem[0] is not None:
+        raise ckpt.CheckpointError(problem[0])
+
+    for name, param in tqdm(targets, desc="stage-1 weights", disable=rank != 0, leave=False):
+        ctx = weight_gather([param]) if weight_gather is not None else contextlib.nullcontext()
+        with ctx, torch.no_grad():
+            if rank == 0:
+                param.data.copy_(state[name].to(param.dtype))
+            if weight_gather is None and world > 1:
+                dist.broadcast(param.data, src=0)  # full replicas (pipeline mode): rank 0's values everywhere
+    if rank == 0:
+        log.info(
+            "loaded %d tensors from stage-1 checkpoint %s (%s)",
+            len(targets),
+            source.path,
+            "MVM, mapping and the frozen base" if base_from_ckpt else f"MVM and mapping; base from {source.init_from}",
+        )
+    return [n for n, _ in targets]
