@@ -143,8 +143,13 @@ def write_tokenizer(cfg: RunConfig, out: Path) -> dict[str, Any]:
     path = cfg.data.tokenizer
     if not path:
         return {"files": [], "special": {}}
+    if str(path).startswith("demo"):
+        raise ValueError(f"data.tokenizer={path!r} is a demo placeholder: resolve the config first (mks2.demo.resolve)")
     src = Path(str(path)).expanduser()
-    tok = load_tokenizer(src)  # validates the tokenizer (raises a DataError naming the path)
+    try:
+        tok = load_tokenizer(src)
+    except Exception as exc:  # DataError naming the problem; say which setting it came from
+        raise ValueError(f"data.tokenizer: cannot export the run's tokenizer: {exc}") from exc
     files: list[str] = []
     if src.is_dir() and (src / "tokenizer_config.json").is_file():
         for name in (*HF_TOKENIZER_FILES, "tokenizer.model"):
