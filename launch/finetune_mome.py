@@ -33,7 +33,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--ablation", default=None, help="ablation/baseline preset, e.g. wo_mome or inst_lora")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed's
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-4")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # options may come between key=value overrides
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ parameter list in the same order, so the collectives match.
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -126,6 +127,9 @@ def _set(node: Any, dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     for part in parents:
         node = getattr(node, part)
+    old = getattr(node, leaf)
+    if isinstance(old, enum.Enum) and value is not None:
+        value = type(old)(value)  # saved configs hold enum values as strings
     setattr(node, leaf, value)
 
 
