@@ -177,9 +177,16 @@ def _finish(out: Path, cfg: RunConfig, result: ExportResult, report: Verificatio
 
 
 def _verify(
-    out: Path, reference: nn.Module, cfg: RunConfig, result: ExportResult, *, merge_lora: bool, atol: float,
+    out: Path,
+    reference: nn.Module | Callable[[], nn.Module],
+    cfg: RunConfig,
+    result: ExportResult,
+    *,
+    merge_lora: bool,
+    atol: float,
     own_reference: bool,
-) -> VerificationReport:  # fmt: skip
+    progress: bool = True,
+) -> VerificationReport:
     import torch
 
     dtypes = {n: getattr(torch, d) for n, d in result.manifest["_dtypes"].items()}
@@ -193,6 +200,7 @@ def _verify(
         merge_lora=merge_lora,
         atol=atol,
         own_reference=own_reference,
+        progress=progress,
     )
 
 
@@ -247,8 +255,13 @@ def convert_checkpoint(
         report = None
         if verify:
             log("verifying: loading the export with transformers and comparing logits with the checkpoint's model")
-            _, reference = load_consolidated(ckpt.path, progress=progress)
-            report = _verify(tmp, reference, cfg, result, merge_lora=merge_lora, atol=atol, own_reference=True)
+
+            def reference() -> nn.Module:  # built inside the verification, which frees it before loading the export
+                return load_consolidated(ckpt.path, progress=progress)[1]
+
+            report = _verify(
+                tmp, reference, cfg, result, merge_lora=merge_lora, atol=atol, own_reference=True, progress=progress
+            )
             log("verification passed: " + report.summary())
         _finish(tmp, cfg, result, report)
     result.directory = out.absolute()
@@ -306,7 +319,9 @@ def export_model(
             was_training = model.training
             model.eval()
             try:
-                report = _verify(tmp, model, cfg, result, merge_lora=merge_lora, atol=atol, own_reference=False)
+                report = _verify(
+                    tmp, model, cfg, result, merge_lora=merge_lora, atol=atol, own_reference=False, progress=progress
+                )
             finally:
                 model.train(was_training)
         _finish(tmp, cfg, result, report)

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import copy
 import gc
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,6 @@ class VerificationReport:
     native_dtype: str
     top1_agreement: float
     positions: int
-    notes: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -101,9 +101,12 @@ def round_to_export(model: nn.Module, export_dtypes: dict[str, torch.dtype]) -> 
             tensor.data.copy_(tensor.data.to(dtype).to(tensor.dtype))
 
 
-def load_export(directory: Path, *, llama: bool, dtype: torch.dtype) -> nn.Module:
+def load_export(directory: Path, *, llama: bool, dtype: torch.dtype, progress: bool = True) -> nn.Module:
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    if not progress:
+        hf_logging.disable_progress_bar()
     if llama:
         return LlamaForCausalLM.from_pretrained(str(directory), dtype=dtype).eval()
     return AutoModelForCausalLM.from_pretrained(str(directory), trust_remote_code=True, dtype=dtype).eval()
@@ -111,7 +114,7 @@ def load_export(directory: Path, *, llama: bool, dtype: torch.dtype) -> nn.Modul
 
 def verify_export(
     directory: Path,
-    reference: nn.Module,
+    reference: nn.Module | Callable[[], nn.Module],
     cfg: RunConfig,
     *,
     export_dtype: Precision,
@@ -120,13 +123,17 @@ def verify_export(
     merge_lora: bool,
     atol: float = DEFAULT_ATOL,
     own_reference: bool = False,
+    progress: bool = True,
 ) -> VerificationReport:
-    """Run the checks of the module docstring. ``own_reference``: the reference model may be modified
-    and freed (else a copy is rounded). Raises VerificationError when the exact check fails."""
+    """Run the checks of the module docstring. ``reference``: our model, or a function building it
+    (then it is modified and freed here, before transformers loads the export: one model in memory at
+    a time). ``own_reference``: the given model may be modified too (else a copy is rounded).
+    Raises VerificationError when the exact check fails."""
+    if not isinstance(reference, nn.Module):
+        reference, own_reference = reference(), True
     batch = verification_batch(cfg)
     real = batch["attention_mask"].bool()  # [B, S]
     ref_logits = _logits(reference, batch)[real]  # [T, V]
-    notes = []
     needs_rounding = merge_lora or any(
         d != t.dtype for n, t in reference.state_dict().items() if (d := export_dtypes.get(n)) is not None
     )
@@ -146,7 +153,7 @@ def verify_export(
     gc.collect()
 
     dtype = torch_dtype(export_dtype)
-    hf = load_export(directory, llama=llama, dtype=dtype)
+    hf = load_export(directory, llama=llama, dtype=dtype, progress=progress)
     native = _logits(hf, batch)[real]
     hf.float()
     exact = _logits(hf, batch)[real]
@@ -162,7 +169,6 @@ def verify_export(
         native_dtype=str(dtype).removeprefix("torch."),
         top1_agreement=float((native.argmax(-1) == ref_logits.argmax(-1)).float().mean()),
         positions=int(real.sum()),
-        notes=notes,
     )
     if not report.passed:
         raise VerificationError(
