@@ -6,7 +6,7 @@ import pytest
 
 from tests.training.launchers import TINY, metrics, run, tail
 
-RESUME_ARGS = ["train.max_steps=20", "train.save_interval=5", "train.keep_last=5"]
+RESUME_ARGS = ["train.max_steps=20", "train.save_interval=5", "train.keep_last=5", "train.eval_interval=0"]
 PIPELINE = ["parallel.mode=pipeline", "parallel.pipeline_stages=2"]
 
 
