@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import mks2
-from mks2.config import Precision, RunConfig, VisionKind
+from mks2.config import Precision, RunConfig, Stage, VisionKind
 from mks2.export.atomic import atomic_output_dir, check_output
 from mks2.export.bundle import write_bundle
 from mks2.export.hf_files import (
@@ -33,6 +33,7 @@ from mks2.export.hf_files import (
     write_tokenizer,
 )
 from mks2.export.layout import (
+    ExportError,
     ExportFormat,
     choose_format,
     export_config,
@@ -235,6 +236,11 @@ def convert_checkpoint(
     if adapter_only and merge_lora:
         raise ValueError("--adapter-only and --merge-lora exclude each other (merged adapters are no longer adapters)")
     fmt = choose_format(cfg, fmt)  # fail before writing anything
+    export_config(cfg, dtype=precision, merge_lora=merge_lora)
+    if adapter_only and Stage(cfg.model.stage) != Stage.MOME:
+        raise ExportError(
+            f"--adapter-only: a {cfg.model.stage.value}-stage model has no LoRA adapters (stage mome has)"
+        )
     out = Path(output)
     check_output(out, force=force)
     prov = {
