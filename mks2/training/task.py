@@ -76,8 +76,10 @@ class StageTask(abc.ABC):
         return build_model(cfg, weight_gather=weight_gather)
 
     @abc.abstractmethod
-    def build_loader(self, cfg: RunConfig, *, dp_rank: int, dp_size: int) -> Any:
-        """Iterable of batches with ``state_dict()`` / ``load_state_dict()`` for exact resume."""
+    def build_loader(self, cfg: RunConfig, *, dp_rank: int, dp_size: int, state: Any = None) -> Any:
+        """This data-parallel rank's infinite iterable of batches, continuing from ``state`` (a previous
+        ``loader.state_dict()``, saved in every checkpoint) when given; ``state_dict()`` must describe
+        the batches handed out so far (not those prefetched), for exact resume."""
 
     @abc.abstractmethod
     def prepare(self, batch: dict[str, torch.Tensor], vision: Any, device: torch.device) -> dict[str, torch.Tensor]:
