@@ -69,12 +69,17 @@ class TrainingEngine:
 
 
 def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters only; no weight decay on 1-d tensors (norm scales, biases, logit scale)."""
+    """Trainable parameters only; no weight decay on 1-d tensors (norm scales, biases, logit scale).
+    Without weight decay: ONE group. ZeRO-1 all-reduces the gradient norm once per group across the
+    pipeline stages, so stages with different group counts (stage 2: no 1-d trainable tensor on the last
+    stage) would wait on each other forever."""
     decay, no_decay = [], []
     for _, p in module.named_parameters():
         if not p.requires_grad:
             continue
         (no_decay if p.dim() < 2 else decay).append(p)
+    if weight_decay == 0:
+        return [{"params": decay + no_decay, "weight_decay": 0.0}] if decay or no_decay else []
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
