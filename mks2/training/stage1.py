@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mks2.config import RunConfig, Stage, VisionKind
-from mks2.model import causal_lm_loss, embed_inputs
+from mks2.model import causal_lm_loss
 from mks2.training.losses import contrastive_loss
+from mks2.training.pipeline import DecoderLayerPipe, EmbedPipe, ModelSource
 from mks2.training.task import PipelineSpec, StageTask
 
 IGNORE_INDEX = -100
@@ -125,58 +126,6 @@ class Stage1Objective(nn.Module):
 # --------------------------------------------------------------------------------------------
 # Pipeline split: embedding (+ image prefix) | decoder layers | norm + heads; loss on the last stage
 # --------------------------------------------------------------------------------------------
-
-
-class ModelSource:
-    """Hands the modules of a fully built model to the LayerSpecs of this rank's pipeline stage.
-    ``release()`` drops the reference afterwards, so layers of other stages are freed."""
-
-    def __init__(self, model: nn.Module):
-        self.model: nn.Module | None = model
-
-    def get(self) -> nn.Module:
-        assert self.model is not None, "ModelSource used after release()"
-        return self.model
-
-    def release(self) -> None:
-        self.model = None
-
-
-class EmbedPipe(nn.Module):
-    """(input_ids, position_ids, segment_ids, vision_features, ret_eos_index) -> (hidden, pos, seg, eos)."""
-
-    def __init__(self, source: ModelSource):
-        super().__init__()
-        m = source.get()
-        self.embed_tokens = m.model.embed_tokens
-        self.vision = m.vision  # frozen towers unused here; ``mapping`` is trainable
-        self.vocab_size = m.vocab_size
-        self.image_token_id = m.image_token_id
-
-    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        input_ids, position_ids, segment_ids, vision_features, eos = inputs
-        hidden = embed_inputs(
-            input_ids,
-            embed_tokens=self.embed_tokens,
-            vocab_size=self.vocab_size,
-            image_token_id=self.image_token_id,
-            vision=self.vision,
-            vision_features=vision_features,
-        )  # [2B, S, D]
-        return hidden, position_ids, segment_ids, eos
-
-
-class DecoderLayerPipe(nn.Module):
-    """One decoder layer on the pipeline tuple (hidden, pos, seg, eos)."""
-
-    def __init__(self, source: ModelSource, index: int):
-        super().__init__()
-        self.layer = source.get().model.layers[index]
-
-    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        hidden, position_ids, segment_ids, eos = inputs
-        hidden, _ = self.layer(hidden, position_ids, segment_ids)
-        return hidden, position_ids, segment_ids, eos
 
 
 class Stage1HeadPipe(nn.Module):
