@@ -73,7 +73,13 @@ class MKS2DataLoader:
         self.batch_size = batch_size
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        for batch in self.loader:
+        # Start torch's iterator NOW, not at the first next(): it draws its worker base seed from the global
+        # torch RNG, and a resumed run restores that RNG right after iter() -- a draw deferred to the first
+        # batch would shift every later random number (dropout) against the uninterrupted run.
+        return self._commit(iter(self.loader))
+
+    def _commit(self, batches: Iterator[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
+        for batch in batches:
             if isinstance(self.sampler, DistributedSampler):
                 self.sampler.commit(self.batch_size)
             yield batch
