@@ -12,14 +12,10 @@ from mks2.training.faults import TrainingAborted
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [ConfigError, CheckpointError, TrainingAborted]
-    try:
-        from mks2.data.errors import DataError
+    from mks2.data.errors import DataError
+    from mks2.model.hf_loading import CheckpointError as HFCheckpointError
 
-        errors.append(DataError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    return (ConfigError, CheckpointError, TrainingAborted, DataError, HFCheckpointError)
 
 
 USER_ERRORS = _user_errors()

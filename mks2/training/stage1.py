@@ -182,7 +182,7 @@ class Stage1Task(StageTask):
         self.collect: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # evaluation: embeddings
 
     def check(self, cfg: RunConfig) -> list[str]:
-        p = []
+        p = super().check(cfg)
         if Stage(cfg.model.stage) != Stage.MVM:
             p.append(f"model.stage={cfg.model.stage.value}: launch/pretrain_mvm.py trains stage 'mvm'")
         if VisionKind(cfg.model.vision.kind) == VisionKind.NONE:

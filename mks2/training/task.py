@@ -55,6 +55,40 @@ class MetricSink:
         return total, count
 
 
+def check_paths(cfg: RunConfig) -> list[str]:
+    """Cheap existence/format checks of model.init_from, model.vision.path and every dataset's
+    manifest, so a typo fails in seconds instead of after loading a 7B model."""
+    from mks2.config import VisionKind
+    from mks2.data.dataset import read_manifest
+
+    problems: list[str] = []
+    checks = []
+    if cfg.model.init_from:
+        from mks2.model.hf_loading import read_hf_llama_config
+
+        checks.append(lambda: read_hf_llama_config(cfg.model.init_from))
+    if VisionKind(cfg.model.vision.kind) != VisionKind.NONE:
+        from mks2.model.vision import read_vision_checkpoint
+
+        checks.append(lambda: read_vision_checkpoint(cfg.model))
+    for key, sources in (("data.datasets", cfg.data.datasets), ("data.eval_datasets", cfg.data.eval_datasets)):
+        for i, src in enumerate(sources):
+            checks.append(lambda k=key, i=i, path=src.path: _prefixed(f"{k}[{i}]", read_manifest, path))
+    for check in checks:
+        try:
+            check()
+        except ValueError as exc:  # DatasetError and the model's loading errors are ValueErrors
+            problems.append(str(exc))
+    return problems
+
+
+def _prefixed(where: str, fn, *args):
+    try:
+        return fn(*args)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from exc
+
+
 class StageTask(abc.ABC):
     """Stage-specific part of training (see module docstring)."""
 
@@ -67,8 +101,9 @@ class StageTask(abc.ABC):
         self.sink = MetricSink(self.metric_names)
 
     def check(self, cfg: RunConfig) -> list[str]:
-        """Stage-specific config problems (reported with the other config errors before start-up)."""
-        return []
+        """Problems found before start-up (reported together with the other config errors): every
+        path the run will read exists and is of the right kind. Stages extend this."""
+        return check_paths(cfg)
 
     def build_model(self, cfg: RunConfig, *, weight_gather=None) -> nn.Module:
         from mks2.model import build_model

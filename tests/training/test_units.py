@@ -188,3 +188,19 @@ def test_nan_injection_hook(monkeypatch):
     with pytest.raises(ValueError, match="MKS2_INJECT_NAN: expected STEP:RANK"):
         faults.maybe_poison(torch.tensor(1.0))
     faults.set_context(step=0, rank=0)
+
+
+def test_path_checks_name_every_missing_input(tmp_path):
+    from mks2.training.task import check_paths
+
+    cfg = load_config(
+        None,
+        [f"model.init_from={tmp_path / 'nope'}", f"model.vision.path={tmp_path / 'vis'}",
+         f"data.datasets=[{tmp_path / 'd0'}]", f"data.eval_datasets=[{tmp_path / 'e0'}]"],
+    )  # fmt: skip
+    problems = check_paths(cfg)
+    assert len(problems) == 4, problems
+    assert any(p.startswith("model.init_from") and "does not exist" in p for p in problems)
+    assert any(p.startswith("model.vision.path") for p in problems)
+    assert any(p.startswith("data.datasets[0]: dataset directory not found") for p in problems)
+    assert any(p.startswith("data.eval_datasets[0]") for p in problems)
