@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 def test_nan_on_one_rank_is_skipped_on_every_rank_under_mpirun(tmp_path):
     """bf16 here (the other runs are fp32): DeepSpeed's skip must not depend on an fp16 loss scaler."""
     save_dir = tmp_path / "run"
-    args = [*TINY, "train.precision=bf16", "train.max_steps=6", "train.save_interval=0", f"train.save_dir={save_dir}"]
+    args = [*TINY, "train.precision=bf16", "train.max_steps=6", "train.save_interval=0", "train.tensorboard=true"]
+    args.append(f"train.save_dir={save_dir}")
     env = {"MKS2_INJECT_NAN": "3:1", "MKS2_PEAK_TFLOPS": "0.05"}  # NaN at step 3 on rank 1 only; MFU as on a GPU
     result = run("mpirun", 2, args, env=env)
     assert result.returncode == 0, tail(result)
@@ -32,6 +33,7 @@ def test_nan_on_one_rank_is_skipped_on_every_rank_under_mpirun(tmp_path):
         assert r["skipped"] == 0 and r["skipped_ranks"] == 0 and math.isfinite(r["loss"]), r
     assert "step 3: non-finite loss or gradient norm; update skipped on all ranks" in result.output
     assert all(0 < r["mfu"] < 1 for r in recs if not r["skipped"]), [r.get("mfu") for r in recs]
+    assert list((save_dir / "tensorboard").rglob("events.out.tfevents.*"))  # DeepSpeed's monitor wrote events
     trainer = (save_dir / "step_00000006" / "mks2" / "trainer.json").read_text()
     assert '"world_size": 2' in trainer  # mpirun really started two ranks (mpi4py discovery)
 
