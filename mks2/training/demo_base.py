@@ -145,5 +145,5 @@ def pretrain_demo_base(
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     save_hf_llama(model, cfg, out_dir)
-    tail = losses[-20:]
+    tail = losses[-max(1, min(20, steps // 4)) :]  # mean of the last steps (a quarter, at most 20)
     return {"steps": steps, "tokens": tokens, "loss_first": losses[0], "loss_last": sum(tail) / len(tail)}
