@@ -6,8 +6,8 @@ caps every logit near ``0.02 * hidden_size`` (about 1.3 for the demo), so no fro
 put much probability on any token. This module pretrains the demo architecture (stage ``base``, every LLM
 parameter trainable) on ``demo:text_pretrain`` -- captions without looks, the looks of *training* objects
 only, "X is an object" facts: the demo's no-leak rule holds, so held-out looks stay image-only -- and
-writes it as a transformers Llama directory, which stage 1, stage 2 and the INST-LoRA baseline then all
-use as ``model.init_from``, exactly like a real Llama-2 directory.
+writes it as a transformers Llama directory (``mks2.export``), which stage 1, stage 2 and the INST-LoRA
+baseline then all use as ``model.init_from``, exactly like a real Llama-2 directory.
 
 A plain single-process loop (seconds to a minute on a CPU), like the demo's vision-tower pretraining:
 it builds a demo artefact, it is not the training system (that is ``mks2.training.loop``).
@@ -15,10 +15,7 @@ it builds a demo artefact, it is not the training system (that is ``mks2.trainin
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -47,53 +44,12 @@ def base_config(overrides: Sequence[str] = ()) -> RunConfig:
     return resolve(load_config(None, [*BASE_OVERRIDES, *overrides]), progress=False)
 
 
-def hf_llama_config(cfg: RunConfig) -> dict:
-    """config.json of a transformers LlamaForCausalLM with ``cfg.model``'s architecture."""
-    m = cfg.model
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": m.vocab_size,
-        "hidden_size": m.hidden_size,
-        "intermediate_size": m.intermediate_size,
-        "num_hidden_layers": m.num_layers,
-        "num_attention_heads": m.num_heads,
-        "num_key_value_heads": m.num_kv_heads or m.num_heads,
-        "max_position_embeddings": m.max_position_embeddings,
-        "rms_norm_eps": m.rms_norm_eps,
-        "rope_theta": m.rope_theta,
-        "rope_scaling": m.rope_scaling,
-        "tie_word_embeddings": bool(m.tie_word_embeddings),
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "torch_dtype": "float32",
-    }
-
-
 def save_hf_llama(model: torch.nn.Module, cfg: RunConfig, out_dir: str | Path) -> Path:
-    """Write a stage-``base`` model as a transformers Llama directory (config.json + model.safetensors;
-    our parameter names are HF Llama's), through a temporary directory + rename."""
-    from safetensors.torch import save_file
+    """Write a stage-``base`` model as a plain transformers Llama directory (weights, config.json, the
+    tokenizer), through the exporter (``mks2.export``: atomic, verified against transformers)."""
+    from mks2.export.convert import export_model
 
-    out = Path(out_dir).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        if cfg.model.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_llama_config(cfg), indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(export_model(model, cfg, out_dir, force=True, progress=False).directory)
 
 
 def pretrain_demo_base(
