@@ -1,7 +1,8 @@
 """The training loop shared by every stage: one optimizer step at a time, in either parallel mode.
 
-``run_training(cfg, task)`` = validate -> build engine -> resume -> loop { step, log, save } ->
-final save. The stage-specific part (batch -> losses) is the ``StageTask``; the loop owns
+``run_training(cfg, task)`` = start the process group -> validate (world size, paths) -> choose and
+check the checkpoint to resume -> build the engine -> restore -> loop { step, evaluate, log, save }
+-> final save. The stage-specific part (batch -> losses) is the ``StageTask``; the loop owns
 checkpointing, exact resume, non-finite-step skipping, preemption, and logging.
 """
 
@@ -58,6 +59,7 @@ class Trainer:
         self._tokens = [0]  # tokens counted by the pipeline feed
         self._positions = [0]
         self.last_saved: str | None = None
+        self._preempt_all = False  # some rank got SIGTERM/SIGUSR1 (agreed through the per-step all-reduce)
 
     # ---- data -------------------------------------------------------------------------------
 
