@@ -84,6 +84,25 @@ def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]
     return [g for g in groups if g["params"]]
 
 
+def _same_group_count_on_every_stage(groups: list[dict[str, Any]], weight_decay: float) -> list[dict[str, Any]]:
+    """ZeRO-1 all-reduces the gradient norm once per parameter group over all pipeline stages: a stage
+    with a different number of groups (e.g. a middle stage with no 1-d trainable tensor, so no
+    no-decay group) would hang the first step. If the stages disagree, every stage uses one group,
+    weight decay on all its trainable tensors, and rank 0 says so."""
+    counts = torch.tensor([len(groups), -len(groups)], dtype=torch.float64, device=_device())  # NCCL: on the GPU
+    if dist.is_initialized():
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX)  # [max, -min]
+    if counts[0] == -counts[1]:
+        return groups
+    if distributed.rank() == 0:
+        log.warning(
+            "pipeline stages hold different kinds of trainable tensors: weight decay %.3g is applied to all of "
+            "them, 1-d ones included (one optimizer group per stage)",
+            weight_decay,
+        )
+    return [{"params": [p for g in groups for p in g["params"]], "weight_decay": weight_decay}]
+
+
 def _numel(p: nn.Parameter) -> int:
     return int(getattr(p, "ds_numel", p.numel()))
 
@@ -224,6 +243,7 @@ def _build_pipeline(
         raise ConfigError(
             [f"pipeline stage {module.stage_id} holds no trainable parameter; use fewer parallel.pipeline_stages"]
         )
+    groups = _same_group_count_on_every_stage(groups, cfg.train.weight_decay)
     engine, _, _, _ = deepspeed.initialize(
         model=module,
         model_parameters=groups,
