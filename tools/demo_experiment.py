@@ -46,6 +46,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--cache-dir", default="~/.cache/mks2", help="demo world cache (data.cache_dir)")
     p.add_argument("--stage1-args", nargs="*", default=[], help="extra key=value overrides of stage 1")
     p.add_argument("--stage2-args", nargs="*", default=[], help="extra key=value overrides of every stage-2 run")
+    p.add_argument("--eval-limit", type=int, default=None, help="first N questions of each file (smoke tests)")
     p.add_argument("--fresh", action="store_true", help="delete earlier results in --out first")
     return p.parse_intermixed_args(argv)
 
@@ -69,6 +70,14 @@ def _done(save_dir: Path, steps: int) -> bool:
 
     complete, _ = list_checkpoints(save_dir)
     return bool(complete) and complete[-1].step >= steps
+
+
+def _cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its finished children."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _launch(script: str, args: list[str], log: Path, what: str) -> float:
@@ -123,25 +132,31 @@ def run_stages(args: argparse.Namespace, out: Path, timings: dict[str, float]) -
 def evaluate_all(args: argparse.Namespace, out: Path, timings: dict[str, float]) -> dict:
     from mks2.demo import resolve_path
     from mks2.eval import load_for_eval, run_evaluation
+    from mks2.eval.demo_probe import stage1_looks_probe
 
     cache = str(Path(args.cache_dir).expanduser())
     files = {name: resolve_path(f"demo:{name}", cache, progress=False) for name in ("eval_mc", "eval_mc_seen")}
     t0 = time.perf_counter()
     results: dict = {"variants": {}}
     em = load_for_eval(out / "stage1")
-    rep = run_evaluation(em, retrieval=[resolve_path("demo:eval_retrieval", cache, progress=False)],
-                         image_root=resolve_path("demo:images", cache, progress=False))  # fmt: skip
+    gallery, images = (resolve_path(f"demo:{n}", cache, progress=False) for n in ("eval_retrieval", "images"))
+    rep = run_evaluation(em, retrieval=[gallery], image_root=images, limit=args.eval_limit)
     results["stage1_retrieval"] = next(iter(rep["retrieval"].values()))
+    results["stage1_looks_probe"] = stage1_looks_probe(em)
     for v in args.variants:
         em = load_for_eval(out / f"stage2_{v}")
-        rep = run_evaluation(em, mc=[files["eval_mc"], files["eval_mc_seen"]], keep_predictions=False)
+        rep = run_evaluation(
+            em, mc=[files["eval_mc"], files["eval_mc_seen"]], keep_predictions=False, limit=args.eval_limit
+        )
         results["variants"][v] = {
             "heldout": rep["multiple_choice"]["mc_heldout"],
             "seen": rep["multiple_choice"]["mc_seen"],
         }
         if v == "mks2":  # where does the answer come from: each expert alone
             for gates, label in (([1.0, 0.0], "mlp_only"), ([0.0, 1.0], "mvm_only")):
-                r = run_evaluation(em, mc=[files["eval_mc"]], force_gates=gates, keep_predictions=False)
+                r = run_evaluation(
+                    em, mc=[files["eval_mc"]], force_gates=gates, keep_predictions=False, limit=args.eval_limit
+                )
                 results["variants"][v][f"heldout_{label}"] = r["multiple_choice"]["mc_heldout"]
     timings["evaluation"] = time.perf_counter() - t0
     return results
@@ -153,13 +168,17 @@ def table(results: dict) -> str:
     head = "| model | " + " | ".join(KINDS) + " | held-out avg | seen (control) avg |"
     lines = [head, "|" + "---|" * (len(KINDS) + 3)]
     any_v = next(iter(results["variants"].values()))
-    chance = [any_v["heldout"]["by_kind"][k]["chance"] for k in KINDS]
+
+    def cell(result: dict, kind: str, key: str) -> str:
+        r = result["by_kind"].get(kind)
+        return "-" if r is None else f"{r[key]:.1%}"
+
+    chance = [cell(any_v["heldout"], k, "chance") for k in KINDS]
     lines.append(
-        "| chance | " + " | ".join(f"{c:.1%}" for c in chance) + f" | {any_v['heldout']['chance']:.1%} | "
-        f"{any_v['seen']['chance']:.1%} |"
+        "| chance | " + " | ".join(chance) + f" | {any_v['heldout']['chance']:.1%} | {any_v['seen']['chance']:.1%} |"
     )
     for v, r in results["variants"].items():
-        cells = [f"{r['heldout']['by_kind'][k]['acc']:.1%}" for k in KINDS]
+        cells = [cell(r["heldout"], k, "acc") for k in KINDS]
         lines.append(
             f"| {ABLATIONS[v].label} | "
             + " | ".join(cells)
@@ -187,23 +206,36 @@ def main(argv: list[str] | None = None) -> int:
     from mks2.demo import ensure_built
 
     ensure_built(Path(args.cache_dir).expanduser())
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_seconds()
     timings: dict[str, float] = {}
     run_stages(args, out, timings)
     results = evaluate_all(args, out, timings)
     results["settings"] = _settings(args)
     results["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     results["total_s"] = round(time.perf_counter() - t0, 1)
+    results["cpu_s"] = round(_cpu_seconds() - cpu0, 1)  # user + system over all processes and cores
+    results["load_average_1min_at_end"] = os.getloadavg()[0]
+    results["cpu_count"] = os.cpu_count()
     md = table(results)
     r1 = results["stage1_retrieval"]
     extra = [f"stage-1 held-out text-to-image retrieval: R@1 {r1['recall@1']:.1%}, R@5 {r1['recall@5']:.1%} "
              f"(chance {r1['chance@1']:.0%} / {r1['chance@5']:.0%})"]  # fmt: skip
+    probe = results["stage1_looks_probe"]
+    ho, ch = probe["heldout"], probe["chance"]
+    extra.append(
+        f"stage-1 looks probe, held-out objects (caption 'a picture of a large NAME' vs 30 single-object renders, "
+        f"retrieval head): colour {ho['colour']:.0%} (chance {ch['colour']:.0%}), shape {ho['shape']:.0%} "
+        f"(chance {ch['shape']:.0%}), both {ho['class']:.0%} (chance {ch['class']:.0%})"
+    )
     mks2 = results["variants"].get("mks2", {})
     if "heldout_mvm_only" in mks2:
         mlp, mvm = mks2["heldout_mlp_only"]["acc"], mks2["heldout_mvm_only"]["acc"]
         extra.append(f"MKS2 held-out with the router forced to one expert: MLP only {mlp:.1%}, MVM only {mvm:.1%}")
     spent = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
-    extra.append(f"wall time this invocation: {results['total_s']:.0f} s ({spent})")
+    extra.append(
+        f"wall time this invocation: {results['total_s']:.0f} s ({spent}); CPU time {results['cpu_s']:.0f} s on "
+        f"{results['cpu_count']} cores, 1-min load average at the end {results['load_average_1min_at_end']:.1f}"
+    )
     text = md + "\n\n" + "\n".join(f"- {e}" for e in extra) + "\n"
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(text)

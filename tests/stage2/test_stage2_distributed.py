@@ -135,3 +135,33 @@ def test_launcher_reports_a_missing_stage1_checkpoint(tmp_path, demo_cache):
     assert "model.init_from_stage1:" in res.stderr and "does not exist" in res.stderr
     res = subprocess.run([*cmd, "--ablation", "nope"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert res.returncode == 1 and "unknown preset 'nope'" in res.stderr
+
+
+def test_stage1_looks_probe(stage1_zero3):
+    from mks2.eval import load_for_eval
+    from mks2.eval.demo_probe import stage1_looks_probe
+
+    probe = stage1_looks_probe(load_for_eval(stage1_zero3["save_dir"]))
+    assert probe["heldout"]["n"] == 10 and probe["train"]["n"] == 20
+    for group in ("heldout", "train"):
+        r = probe[group]
+        assert 0.0 <= r["class"] <= min(r["colour"], r["shape"]) <= 1.0  # the right class has the right colour
+    assert probe["chance"]["colour"] == pytest.approx(1 / 6)
+
+
+def test_demo_experiment_command_end_to_end(tmp_path, demo_cache):
+    """tools/demo_experiment.py with a handful of steps per stage: every stage runs, the table prints."""
+    out = tmp_path / "exp"
+    cmd = [sys.executable, str(REPO / "tools" / "demo_experiment.py"), "--out", str(out),
+           "--cache-dir", str(demo_cache), "--base-steps", "3", "--stage1-steps", "2", "--stage2-steps", "2",
+           "--variants", "mks2", "inst_lora", "--stage2-args", "train.warmup_steps=1",
+           "--stage1-args", "train.warmup_steps=1", "train.eval_interval=-1", "--eval-limit", "40"]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-3000:])
+    assert "| MKS2 |" in res.stdout and "| INST-LoRA |" in res.stdout and "| chance |" in res.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["variants"]) == {"mks2", "inst_lora"}
+    assert results["variants"]["mks2"]["heldout"]["n"] == 40 and "heldout_mvm_only" in results["variants"]["mks2"]
+    assert (out / "stage2_inst_lora" / "latest").is_file() and (out / "base_lm" / "config.json").is_file()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)  # finished stages are reused
+    assert again.returncode == 0 and "[1] stage 1" not in again.stdout and "[2] stage 2" not in again.stdout
