@@ -139,7 +139,7 @@ def test_launcher_reports_a_missing_stage1_checkpoint(tmp_path, demo_cache):
 
 def test_stage1_looks_probe(stage1_zero3):
     from mks2.eval import load_for_eval
-    from mks2.eval.demo_probe import stage1_looks_probe
+    from mks2.eval.demo_probe import looks_linear_probe, stage1_looks_probe
 
     probe = stage1_looks_probe(load_for_eval(stage1_zero3["save_dir"]))
     assert probe["heldout"]["n"] == 10 and probe["train"]["n"] == 20
@@ -147,6 +147,9 @@ def test_stage1_looks_probe(stage1_zero3):
         r = probe[group]
         assert 0.0 <= r["class"] <= min(r["colour"], r["shape"]) <= 1.0  # the right class has the right colour
     assert probe["chance"]["colour"] == pytest.approx(1 / 6)
+    linear = looks_linear_probe(load_for_eval(stage1_zero3["save_dir"]))
+    assert linear["n_test"] == 10 and set(linear) == {"n_test", "caption_eos", "question"}
+    assert all(0.0 <= linear[p][k] <= 1.0 for p in ("caption_eos", "question") for k in ("colour", "shape"))
 
 
 def test_demo_experiment_command_end_to_end(tmp_path, demo_cache):
@@ -165,3 +168,17 @@ def test_demo_experiment_command_end_to_end(tmp_path, demo_cache):
     assert (out / "stage2_inst_lora" / "latest").is_file() and (out / "base_lm" / "config.json").is_file()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)  # finished stages are reused
     assert again.returncode == 0 and "[1] stage 1" not in again.stdout and "[2] stage 2" not in again.stdout
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "mpirun"])
+def test_other_launchers(launcher, stage1_zero3, tmp_path):
+    from tests.stage2.stage2_launch import STAGE2, run
+
+    save_dir = tmp_path / "run"
+    args = [*STAGE2_ARGS, f"model.init_from_stage1={stage1_zero3['save_dir']}",
+            f"data.cache_dir={stage1_zero3['cache']}", "train.max_steps=2", "train.save_interval=0",
+            f"train.save_dir={save_dir}"]  # fmt: skip
+    result = run(STAGE2, launcher, 2, args)
+    assert result.returncode == 0, tail(result)
+    assert [r["step"] for r in metrics(save_dir)] == [1, 2]
+    assert (save_dir / "step_00000002" / "COMPLETE").is_file()
