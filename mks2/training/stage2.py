@@ -213,7 +213,7 @@ class Stage2Task(StageTask):
         self.notes += select_sft_datasets(cfg)
 
     def check(self, cfg: RunConfig) -> list[str]:
-        p = []
+        p = super().check(cfg)  # every input path exists (init_from, vision tower, datasets)
         if Stage(cfg.model.stage) != Stage.MOME:
             p.append(f"model.stage={Stage(cfg.model.stage).value}: launch/finetune_mome.py trains stage 'mome'")
         if not cfg.data.datasets:
