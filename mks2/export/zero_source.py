@@ -65,7 +65,7 @@ class ZeroSource(TensorSource):
                 str(self.dir.parent), tag=self.dir.name, exclude_frozen_parameters=True, lazy_mode=True
             )
             if not hasattr(self, "_module_order"):  # every name, in the module's order (first opening only)
-                module = torch.load(self._model_files[0], map_location="cpu", weights_only=False).get("module") or {}
+                module = torch.load(self._model_files[0], map_location="cpu", weights_only=True).get("module") or {}
                 self._module_order = list(module)
                 del module
 
