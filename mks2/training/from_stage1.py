@@ -218,14 +218,13 @@ def _outside_zero_init():
     return paused()
 
 
-def read_stage1_tensors(source: Stage1Source, want: Callable[[str], bool]) -> dict[str, torch.Tensor]:
-    """The stage-1 model's tensors whose names (our parameter names) pass ``want``, on the CPU.
-    ``mks2.checkpoint`` reads either parallel mode's files."""
+def open_stage1(source: Stage1Source) -> Any:
+    """The stage-1 checkpoint opened for tensor-by-tensor reading under our parameter names
+    (``mks2.checkpoint.open_consolidated``: either parallel mode's files). Close it when done."""
     from mks2.checkpoint import open_consolidated
 
-    with _outside_zero_init(), open_consolidated(source.save_dir, tag=source.tag) as stored:
-        # tensor by tensor: only what stage 2 takes is read (all of a 7B base is never materialised twice)
-        return {name: stored.get(name).detach().cpu() for name in stored.meta if want(name)}
+    with _outside_zero_init():  # it builds a shape-only model to check names against
+        return open_consolidated(source.save_dir, tag=source.tag)
 
 
 def _world() -> tuple[int, int]:
@@ -250,15 +249,15 @@ def load_stage1_weights(
     targets = [
         (n, p) for n, p in model.named_parameters() if wanted_from_stage1(n, base_from_checkpoint=base_from_ckpt)
     ]
-    state: dict[str, torch.Tensor] = {}
+    stored: Any = None
     problem: list[Any] = [None]
     if rank == 0:
-        names = {n for n, _ in targets}
         try:
-            state = read_stage1_tensors(source, lambda k: k in names)
-            missing = [n for n, _ in targets if n not in state]
-            wrong = [f"{n} {tuple(state[n].shape)} vs {_shape(p)}" for n, p in targets if n in state and
-                     tuple(state[n].shape) != _shape(p)]  # fmt: skip
+            stored = open_stage1(source)
+            meta = stored.meta  # name -> shape/dtype; nothing read yet
+            missing = [n for n, _ in targets if n not in meta]
+            wrong = [f"{n} {tuple(meta[n].shape)} vs {_shape(p)}" for n, p in targets if n in meta and
+                     tuple(meta[n].shape) != _shape(p)]  # fmt: skip
             if missing or wrong:
                 parts = []
                 if missing:
@@ -266,22 +265,31 @@ def load_stage1_weights(
                 if wrong:
                     parts.append(f"shape mismatch (checkpoint vs model) for {', '.join(wrong[:5])}")
                 problem[0] = f"stage-1 checkpoint {source.path} does not fit this stage-2 model: " + "; ".join(parts)
-        except ckpt.CheckpointError as exc:
-            problem[0] = str(exc)
-        except (OSError, ValueError, RuntimeError, KeyError) as exc:
-            problem[0] = f"cannot read stage-1 checkpoint {source.path}: {type(exc).__name__}: {exc}"
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:  # mks2.checkpoint's errors are ValueErrors
+            problem[0] = f"cannot read stage-1 checkpoint {source.path}: {exc}"
     if world > 1:
         dist.broadcast_object_list(problem, src=0)  # every rank raises together, before any gather
     if problem[0] is not None:
+        if stored is not None:
+            stored.close()
         raise ckpt.CheckpointError(problem[0])
 
-    for name, param in tqdm(targets, desc="stage-1 weights", disable=rank != 0, leave=False):
-        ctx = weight_gather([param]) if weight_gather is not None else contextlib.nullcontext()
-        with ctx, torch.no_grad():
-            if rank == 0:
-                param.data.copy_(state[name].to(param.dtype))
-            if weight_gather is None and world > 1:
-                dist.broadcast(param.data, src=0)  # full replicas (pipeline mode): rank 0's values everywhere
+    try:
+        # One tensor at a time (rank 0 never holds more than one stage-1 tensor): under ZeRO-3 inside
+        # GatheredParameters(modifier_rank=0), which partitions rank 0's values on exit.
+        for name, param in tqdm(targets, desc="stage-1 weights", disable=rank != 0, leave=False):
+            ctx = weight_gather([param]) if weight_gather is not None else contextlib.nullcontext()
+            with ctx, torch.no_grad():
+                if rank == 0:
+                    with _outside_zero_init():
+                        tensor = stored.get(name)
+                    param.data.copy_(tensor.to(device=param.device, dtype=param.dtype))
+                    del tensor
+                if weight_gather is None and world > 1:
+                    dist.broadcast(param.data, src=0)  # full replicas (pipeline mode): rank 0's values everywhere
+    finally:
+        if stored is not None:
+            stored.close()
     if rank == 0:
         log.info(
             "loaded %d tensors from stage-1 checkpoint %s (%s)",
