@@ -5,8 +5,9 @@
   ``rope_parameters`` are understood) and re-validates the config.
 - ``load_hf_llama(model, path, weight_gather=None)`` streams ``model.safetensors`` /
   ``pytorch_model.bin`` (sharded through an index json or not) into the LLM parameters of an
-  already-built model: one checkpoint tensor at a time (``safe_open`` / ``torch.load(mmap=True,
-  weights_only=True)``), so at most one model copy plus one tensor is ever in memory. All key
+  already-built model: one checkpoint tensor at a time (``safe_open``, or for ``.bin``
+  ``torch.load(file, weights_only=True, mmap=True)``), so at most one model copy plus one tensor is
+  ever in memory. All key
   mismatches are reported before anything is copied; each error names the tensor and the file.
 
 ``weight_gather`` is an optional ``params -> context manager`` opened around each copy (the trainer
