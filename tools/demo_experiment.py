@@ -4,7 +4,7 @@
     python tools/demo_experiment.py                       # everything, into runs/demo_experiment
     python tools/demo_experiment.py --variants mks2 inst_lora wo_mome --stage2-steps 200
 
-0. a demo base LM (the stand-in for Llama-2) is pretrained on the demo's plain text (mks2/training/demo_base.py);
+0. a demo base LM (the stand-in for Llama-2) is pretrained on the demo's plain text (mks2/demo/base_lm.py);
 1. stage 1 (launch/pretrain_mvm.py) stores the looks of the objects from images into the MVM experts;
 2. stage 2 (launch/finetune_mome.py) instruction-tunes each variant: MKS2 and the baselines/ablations of
    mks2/training/ablations.py (INST-LoRA starts from the base LM, without stage 1);
@@ -97,7 +97,7 @@ def _settings(args: argparse.Namespace) -> dict:
 
 
 def run_stages(args: argparse.Namespace, out: Path, timings: dict[str, float]) -> None:
-    from mks2.training.demo_base import pretrain_demo_base
+    from mks2.demo.base_lm import pretrain_demo_base
 
     cache = str(Path(args.cache_dir).expanduser())
     base = out / "base_lm"

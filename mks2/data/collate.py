@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
-log = logging.getLogger(__name__)
+from mks2.constants import IGNORE_INDEX
 
-IGNORE_INDEX = -100
+log = logging.getLogger(__name__)
 
 
 class Collator:

@@ -100,13 +100,17 @@ class MKS2DataLoader:
         self.sampler.load_state_dict(state)
 
 
-def _resolve_demo(cfg: RunConfig) -> RunConfig:
-    paths = [s.path for s in (*cfg.data.datasets, *cfg.data.eval_datasets)]
-    if cfg.data.tokenizer == "demo" or any(str(p).startswith("demo:") for p in paths):
-        from mks2.demo import resolve
-
-        return resolve(cfg)
-    return cfg
+def _refuse_demo_placeholders(cfg: RunConfig, sources: Sequence[Any]) -> None:
+    """The loader reads real paths only: ``demo:NAME`` / ``demo`` placeholders are the launchers' job
+    (``mks2.demo.resolve``), so production data loading never builds or imports the demo world."""
+    placeholders = [str(s.path) for s in sources if str(s.path).startswith("demo:")]
+    if cfg.data.tokenizer in ("demo", "demo:tokenizer"):
+        placeholders.append(f"data.tokenizer={cfg.data.tokenizer}")
+    if placeholders:
+        raise DatasetError(
+            f"demo placeholder(s) {', '.join(placeholders)} have not been resolved: call mks2.demo.resolve(cfg) "
+            "before building the loader (the launchers do)"
+        )
 
 
 def open_datasets(cfg: RunConfig, split: str, *, verify_hashes: bool | None = None) -> tuple[list, list[float]]:
@@ -115,6 +119,7 @@ def open_datasets(cfg: RunConfig, split: str, *, verify_hashes: bool | None = No
     if not sources:
         key = "data.datasets" if split == "train" else "data.eval_datasets"
         raise DatasetError(f"{key} is empty: nothing to load for split {split!r}")
+    _refuse_demo_placeholders(cfg, sources)
     verify = cfg.data.verify_hashes if verify_hashes is None else verify_hashes
     datasets = [
         PretokenizedDataset(
@@ -158,7 +163,6 @@ def build_dataloader(
     """See the module docstring."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    cfg = _resolve_demo(cfg)
     stage = Stage(stage if stage is not None else cfg.model.stage)
     datasets, weights = open_datasets(cfg, split)
     seq_len, packing = cfg.data.seq_len, cfg.data.packing and split == "train"

@@ -27,7 +27,7 @@ from mks2.config import Precision, RunConfig, Stage, VisionKind
 from mks2.export.layout import ExportError
 from mks2.export.safetensors_stream import ShardedSafetensorsWriter, TensorSpec
 from mks2.export.sources import TensorSource
-from mks2.model.decoder import torch_dtype
+from mks2.model.dtypes import torch_dtype
 
 ADAPTER_PREFIX = "base_model.model."
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")

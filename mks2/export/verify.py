@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from mks2.config import Precision, RunConfig, VisionKind
-from mks2.model.decoder import torch_dtype
+from mks2.model.dtypes import torch_dtype
 
 DEFAULT_ATOL = 1e-4
 

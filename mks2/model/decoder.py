@@ -18,21 +18,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mks2.config import ModelConfig, MVMPlacement, Precision, Stage, mvm_layer_indices
+from mks2.config import ModelConfig, MVMPlacement, Stage, mvm_layer_indices
 from mks2.model.attention import Attention, AttentionContext, build_attention_context
+from mks2.model.dtypes import torch_dtype
 from mks2.model.layers import LoRASpec, RMSNorm, SwiGLU
 from mks2.model.mome import MoMERouter
 from mks2.model.rope import RotaryEmbedding
 
 ATTENTION_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-_DTYPES = {Precision.FP32: torch.float32, Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
-
-
-def torch_dtype(precision: Precision | str) -> torch.dtype:
-    """``model.dtype`` / ``train.precision`` value -> torch dtype."""
-    return _DTYPES[Precision(getattr(precision, "value", precision))]
-
 
 def rotary_from_config(m: ModelConfig) -> RotaryEmbedding:
     return RotaryEmbedding(

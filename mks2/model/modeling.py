@@ -38,12 +38,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mks2.config import ModelConfig, Stage, VisionKind
+from mks2.constants import IGNORE_INDEX
 from mks2.model.attention import build_attention_context
-from mks2.model.decoder import DecoderLayer, rotary_from_config, torch_dtype
+from mks2.model.decoder import DecoderLayer, rotary_from_config
+from mks2.model.dtypes import torch_dtype
 from mks2.model.layers import INIT_STD, Linear, RMSNorm
 from mks2.model.mome import MoMERouter
-
-IGNORE_INDEX = -100
 
 
 @dataclass

@@ -37,7 +37,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mks2.config import Precision, VisionKind
+from mks2.config import VisionKind
+from mks2.model.dtypes import torch_dtype
 from mks2.model.hf_loading import _iter_file, checkpoint_index
 
 WeightGather = Callable[[list[nn.Parameter]], contextlib.AbstractContextManager]
@@ -51,7 +52,6 @@ _EXPECTED_LAYOUT = {
     VisionKind.BLIP2: "a transformers Blip2Model / Blip2ForConditionalGeneration checkpoint",
     VisionKind.CLIP: "a transformers CLIPModel / CLIPVisionModel checkpoint",
 }
-_DTYPES = {Precision.FP32: torch.float32, Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
 # Top-level submodules of transformers' CLIPVisionModel (the keys a CLIP vision checkpoint may hold).
 _CLIP_VISION_PARTS = ("embeddings", "pre_layrnorm", "encoder", "post_layernorm")
 
@@ -290,7 +290,7 @@ class VisionFrontEnd(nn.Module):
         # Positional embeddings are resampled when the configured resolution differs from the native one.
         self._interpolate = info.image_size != info.native_image_size
 
-        dtype = _DTYPES[Precision(getattr(model_cfg.dtype, "value", model_cfg.dtype))]
+        dtype = torch_dtype(model_cfg.dtype)
 
         from transformers.initialization import no_init_weights
 

@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mks2.config import Offload, ParallelMode, Precision, RunConfig, to_dict
+from mks2.config import Offload, ParallelMode, RunConfig, to_dict
+from mks2.model.dtypes import torch_dtype
 from mks2.training import distributed
 from mks2.training.ds_config import build_ds_config, zero_stage
 from mks2.training.frozen_vision import FrozenVision
@@ -32,8 +33,6 @@ from mks2.training.schedule import build_scheduler
 from mks2.training.task import StageTask
 
 log = logging.getLogger("mks2.training")
-
-_DTYPES = {Precision.FP32: torch.float32, Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
 
 
 @dataclass
@@ -139,7 +138,7 @@ def build_engine(cfg: RunConfig, task: StageTask) -> TrainingEngine:
     if distributed.rank() == 0:
         for note in notes:
             log.warning(note)
-    dtype = _DTYPES[cfg.train.precision]
+    dtype = torch_dtype(cfg.train.precision)
     torch.manual_seed(cfg.train.seed)  # identical initialisation in both modes and on every rank
     if cfg.parallel.mode == ParallelMode.PIPELINE:
         return _build_pipeline(cfg, task, ds_config, dtype, stages)

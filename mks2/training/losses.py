@@ -1,41 +1,18 @@
-"""Stage-1 objectives (DESIGN §1): the captioning loss and the symmetric text-to-image InfoNCE.
+"""Stage-1 retrieval objective (DESIGN §1): the symmetric text-to-image InfoNCE.
 
-Both are plain functions of tensors so the ZeRO-3 step and the pipeline's last stage share them.
+A plain function of tensors so the ZeRO-3 step and the pipeline's last stage share it. The captioning
+loss is the model's own ``mks2.model.causal_lm_loss``.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from mks2.training.distributed import all_gather_no_grad, all_gather_with_grad
 
-IGNORE_INDEX = -100
 LOGIT_SCALE_MAX = 100.0
-
-
-def caption_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy averaged over the labelled tokens (HF convention: the label at
-    position t is predicted from position t-1). logits [B, S, V], labels [B, S] (-100 ignored).
-    A micro-batch without a single labelled token gives 0 (with a graph), never NaN."""
-    shift_logits = logits[:, :-1, :].float()  # [B, S-1, V]
-    shift_labels = labels[:, 1:]  # [B, S-1]
-    total = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    count = (shift_labels != IGNORE_INDEX).sum().clamp(min=1)
-    return total / count
-
-
-def gather_last_token(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """hidden [B, S, D], index [B] -> hidden[b, index[b]] as [B, D]."""
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    return hidden[rows, index.to(hidden.device).long()]
 
 
 def contrastive_loss(
@@ -63,13 +40,7 @@ def contrastive_loss(
 
 
 def _rank_in(group) -> int:
-    import torch.distributed as dist
-
+    """This process's rank in ``group`` (0 without an initialised process group: single-process tests)."""
     if not dist.is_initialized():
         return 0
     return dist.get_rank(group)
-
-
-def initial_logit_scale() -> float:
-    """CLIP's initial temperature 0.07, as a log-scale."""
-    return math.log(1.0 / 0.07)

@@ -21,12 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mks2.config import RunConfig, Stage, VisionKind
+from mks2.constants import IGNORE_INDEX
 from mks2.model import causal_lm_loss
 from mks2.training.losses import contrastive_loss
 from mks2.training.pipeline import DecoderLayerPipe, EmbedPipe, ModelSource
 from mks2.training.task import PipelineSpec, StageTask
-
-IGNORE_INDEX = -100
 
 
 def _pad_to(x: torch.Tensor, length: int, value: int) -> torch.Tensor:

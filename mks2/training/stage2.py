@@ -31,22 +31,19 @@ from mks2.training.task import PipelineSpec, StageTask
 
 log = logging.getLogger("mks2.training")
 
-IGNORE_INDEX = -100
-
 
 # --------------------------------------------------------------------------------------------
 # Data selection (train.sft_data)
 # --------------------------------------------------------------------------------------------
 
 
-def dataset_has_images(path: str, cache_dir: str, chat_template: str) -> bool:
-    """Whether a pretokenized dataset (or ``demo:NAME``) is of a kind with images (llava, caption)."""
+def dataset_has_images(path: str) -> bool:
+    """Whether a pretokenized dataset is of a kind with images (llava, caption). ``path`` is a real path:
+    demo placeholders are resolved by the launcher (``mks2.demo.resolve``) before the task is built."""
     from mks2.data.dataset import read_manifest
     from mks2.data.formats import KIND_HAS_IMAGE
-    from mks2.demo import resolve_path
 
-    real = resolve_path(path, cache_dir, chat_template=chat_template, progress=False)
-    kind = read_manifest(real)["kind"]
+    kind = read_manifest(path)["kind"]
     return bool(KIND_HAS_IMAGE.get(kind, False))
 
 
@@ -56,10 +53,9 @@ def select_sft_datasets(cfg: RunConfig) -> list[str]:
     choice = SFTData(cfg.train.sft_data)
     if choice == SFTData.ALL:
         return []
-    template = getattr(cfg.data.chat_template, "value", cfg.data.chat_template)
     keep, dropped = [], []
     for src in cfg.data.datasets:
-        with_images = dataset_has_images(src.path, cfg.data.cache_dir, template)
+        with_images = dataset_has_images(src.path)
         (keep if with_images == (choice == SFTData.MULTIMODAL) else dropped).append(src)
     if not keep:
         kinds = "with images" if choice == SFTData.MULTIMODAL else "without images"

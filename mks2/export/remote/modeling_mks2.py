@@ -20,11 +20,10 @@ import torch
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from mks2.config import Precision, VisionKind
+from mks2.config import VisionKind
 from mks2.export.remote.configuration_mks2 import MKS2LlamaConfig
+from mks2.model.dtypes import precision_of
 from mks2.model.modeling import MKS2ForCausalLM
-
-_PRECISIONS = {torch.float32: Precision.FP32, torch.bfloat16: Precision.BF16, torch.float16: Precision.FP16}
 
 
 def _vision_dir(config: MKS2LlamaConfig) -> str:
@@ -60,7 +59,7 @@ class MKS2LlamaForCausalLM(PreTrainedModel, GenerationMixin):
         model_cfg = config.model_config()
         # transformers sets the default dtype to the requested one (``dtype=`` or config.json's) while
         # it builds the model; the core model allocates its weights in ``model_cfg.dtype``.
-        model_cfg.dtype = _PRECISIONS.get(torch.get_default_dtype(), model_cfg.dtype)
+        model_cfg.dtype = precision_of(torch.get_default_dtype()) or model_cfg.dtype
         if model_cfg.vision.kind != VisionKind.NONE:
             model_cfg.vision.path = _vision_dir(config)
         # from_pretrained builds under torch.device("meta"); the core computes non-parameter state

@@ -23,6 +23,10 @@ import torch
 from tqdm.auto import tqdm
 
 from mks2.config import RunConfig, load_config
+from mks2.data import build_dataloader
+from mks2.demo.resolve import resolve
+from mks2.export.convert import export_model
+from mks2.model import build_model
 from mks2.training.schedule import lr_at
 
 BASE_OVERRIDES = (
@@ -39,16 +43,12 @@ BASE_OVERRIDES = (
 
 def base_config(overrides: Sequence[str] = ()) -> RunConfig:
     """The demo architecture (configs/demo.yaml) as a text-only base LM on ``demo:text_pretrain``."""
-    from mks2.demo import resolve
-
     return resolve(load_config(None, [*BASE_OVERRIDES, *overrides]), progress=False)
 
 
 def save_hf_llama(model: torch.nn.Module, cfg: RunConfig, out_dir: str | Path) -> Path:
     """Write a stage-``base`` model as a plain transformers Llama directory (weights, config.json, the
     tokenizer), through the exporter (``mks2.export``: atomic, verified against transformers)."""
-    from mks2.export.convert import export_model
-
     return Path(export_model(model, cfg, out_dir, force=True, progress=False).directory)
 
 
@@ -66,9 +66,6 @@ def pretrain_demo_base(
 ) -> dict:
     """Pretrain the demo base LM and save it to ``out_dir`` (an HF Llama directory). Returns a summary
     (first and last losses, steps, tokens)."""
-    from mks2.data import build_dataloader
-    from mks2.model import build_model
-
     cfg = base_config([f"train.seed={seed}", f"train.micro_batch_size={batch_size}", *overrides])
     torch.manual_seed(seed)
     model = build_model(cfg)
