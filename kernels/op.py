@@ -23,6 +23,11 @@ expert strides, so they need only a unit-stride last dim; a tensor whose last di
 upstream gradient that is, such as the stride-0 gradient of ``out.sum()``) is made contiguous.
 The router weight (E x d, tiny) is read as it is (or converted to fp32 when its dtype is neither x's
 nor fp32, CUDA backend only).
+
+ZeRO-3 (DESIGN §2): the router weight is a partitioned parameter, gathered only while its owning
+module's forward runs. Call ``mome_mix`` from INSIDE that forward (``mks2.model.mome.MoMERouter`` reads
+``self.weight`` in its own ``forward``), and ``deepspeed.zero.register_external_parameter`` is not needed;
+read from some other module's forward, the weight would be an empty shard unless registered there.
 """
 
 from __future__ import annotations
