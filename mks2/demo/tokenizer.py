@@ -1,9 +1,11 @@
 """The demo world's sentencepiece tokenizer: BPE with Llama's special ids, trained deterministically.
 
-Single-threaded sentencepiece training on a fixed, ordered sentence list is deterministic, so the
-``.model`` bytes (and hence the tokenizer fingerprint in shard manifests) are identical across builds.
-The directory also holds a ``tokenizer_config.json`` so that transformers' ``AutoTokenizer`` loads it
-as a ``LlamaTokenizer``.
+``train_sentencepiece`` is the project's one recipe for a small Llama-style sentencepiece model (the
+demo, the tests' tiny tokenizers and the pretokenization benchmark all call it). Single-threaded
+training on a fixed, ordered sentence list is deterministic, so the ``.model`` bytes (and hence the
+tokenizer fingerprint in shard manifests) are identical across builds. ``train_tokenizer`` writes the
+demo's tokenizer directory, which also holds a ``tokenizer_config.json`` so that transformers'
+``AutoTokenizer`` loads it as a ``LlamaTokenizer``.
 """
 
 from __future__ import annotations
@@ -29,15 +31,28 @@ def chat_lines(pairs: Iterable[tuple[str, str]]) -> list[str]:
     return [t.format(q=q, a=a) for q, a in pairs for t in TEMPLATE_TEXT]
 
 
-def train_tokenizer(sentences: list[str], out_dir: Path) -> Path:
-    """Train the BPE model on ``sentences`` (in order) into ``out_dir``; returns the .model path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model = out_dir / "tokenizer.model"
+def train_sentencepiece(
+    sentences: Iterable[str],
+    *,
+    vocab_size: int,
+    pad_id: int = PAD,
+    num_threads: int = 1,
+    input_sentence_size: int = 0,
+    max_sentence_length: int = 4096,
+) -> bytes:
+    """Train a Llama-style BPE sentencepiece model on ``sentences`` (in order); returns the model bytes.
+
+    Llama's conventions: ids unk=0, bos=1, eos=2 (``pad_id=-1``: no pad piece, as Llama-2), byte fallback
+    (no <unk> for unseen characters), digits split, text kept as written (identity normalisation, spaces
+    not collapsed). Reproducible with ``num_threads=1`` (multi-threaded training is not) and
+    ``input_sentence_size=0`` (every sentence, in order); ``input_sentence_size=N`` trains on a random
+    sample of N sentences of a large corpus. Longer sentences than ``max_sentence_length`` bytes are skipped.
+    """
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences),
         model_writer=(writer := _BytesWriter()),
         model_type="bpe",
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
         character_coverage=1.0,
         byte_fallback=True,  # as Llama: no <unk> for unseen characters
         split_digits=True,
@@ -47,18 +62,25 @@ def train_tokenizer(sentences: list[str], out_dir: Path) -> Path:
         unk_id=UNK,
         bos_id=BOS,
         eos_id=EOS,
-        pad_id=PAD,
+        pad_id=pad_id,
         unk_piece="<unk>",
         bos_piece="<s>",
         eos_piece="</s>",
         pad_piece="<pad>",
-        num_threads=1,  # multi-threaded training is not reproducible
-        input_sentence_size=0,
-        shuffle_input_sentence=False,
-        max_sentence_length=4096,
+        num_threads=num_threads,
+        input_sentence_size=input_sentence_size,
+        shuffle_input_sentence=input_sentence_size > 0,
+        max_sentence_length=max_sentence_length,
         minloglevel=2,
     )
-    model.write_bytes(writer.data)
+    return writer.data
+
+
+def train_tokenizer(sentences: list[str], out_dir: Path) -> Path:
+    """Train the demo's BPE model on ``sentences`` (in order) into ``out_dir``; returns the .model path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = out_dir / "tokenizer.model"
+    model.write_bytes(train_sentencepiece(sentences, vocab_size=VOCAB_SIZE))
     (out_dir / "tokenizer_config.json").write_text(
         json.dumps(
             {

@@ -4,12 +4,13 @@ and a run config pointing at pretokenized directories."""
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from mks2.demo.tokenizer import train_sentencepiece as train_llama_sentencepiece
 
 WORDS = (
     "the a red blue green yellow small large big tiny circle square triangle star left right top bottom "
@@ -27,28 +28,9 @@ def corpus_lines(n: int = 400, seed: int = 0) -> list[str]:
 
 
 def train_sentencepiece(path: Path, *, vocab_size: int = 400, seed: int = 0) -> Path:
-    """A Llama-style sentencepiece model (unk=0, bos=1, eos=2, byte fallback, identity normalisation)."""
-    import sentencepiece as spm
-
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus_lines(seed=seed)),
-        model_writer=buf,
-        vocab_size=vocab_size,
-        model_type="bpe",
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        byte_fallback=True,
-        character_coverage=1.0,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        split_digits=True,
-        num_threads=1,
-        minloglevel=2,
-    )
-    path.write_bytes(buf.getvalue())
+    """A Llama-style sentencepiece model (unk=0, bos=1, eos=2, no pad, byte fallback, identity
+    normalisation) through the project's one recipe, ``mks2.demo.tokenizer.train_sentencepiece``."""
+    path.write_bytes(train_llama_sentencepiece(corpus_lines(seed=seed), vocab_size=vocab_size, pad_id=-1))
     return path
 
 

@@ -13,6 +13,7 @@ import pytest
 import sentencepiece as spm
 
 import mks2.export.convert as convert_mod
+from mks2.demo.tokenizer import train_sentencepiece
 from mks2.export import OutputExistsError, VerificationError, export_model
 from mks2.export.atomic import atomic_output_dir
 from tests.export.export_helpers import REPO, run_config, tiny_model
@@ -130,10 +131,7 @@ def test_atomic_dir_on_keyboard_interrupt(tmp_path):
 def sp_model(tmp_path_factory):
     d = tmp_path_factory.mktemp("spm")
     text = ["the red cube sits left of a blue ball", "a green pyramid, small and shiny", "numbers 12 and 345"] * 40
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(text), model_prefix=str(d / "sp"), vocab_size=300, model_type="bpe",
-        byte_fallback=True, bos_id=1, eos_id=2, unk_id=0, pad_id=3, num_threads=1, minloglevel=2,
-    )  # fmt: skip
+    (d / "sp.model").write_bytes(train_sentencepiece(text, vocab_size=300, pad_id=3))
     return d / "sp.model"
 
 
