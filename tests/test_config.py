@@ -9,13 +9,12 @@ from mks2.config import (
     MVMPlacement,
     ParallelMode,
     Stage,
-    check_world_size,
     config_from_dict,
-    grad_accumulation_steps,
     load_config,
-    mvm_layer_indices,
     to_dict,
 )
+from mks2.model.decoder import mvm_layer_indices
+from mks2.training.batch import check_world_size, grad_accumulation_steps
 
 
 def test_demo_default_loads_and_overrides_apply():

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from mks2.config import MVMPlacement, RunConfig, Stage
+from mks2.config.schema import MVMPlacement, RunConfig, Stage
 from mks2.model.hf_loading import apply_config_from_hf, load_hf_llama
 from mks2.model.modeling import MKS2ForCausalLM
 

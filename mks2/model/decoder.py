@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mks2.config import ModelConfig, MVMPlacement, Stage, mvm_layer_indices
+from mks2.config.schema import ModelConfig, MVMPlacement, Stage, mvm_layers_problem
 from mks2.model.attention import Attention, AttentionContext, build_attention_context
 from mks2.model.dtypes import torch_dtype
 from mks2.model.layers import LoRASpec, RMSNorm, SwiGLU
@@ -38,6 +38,18 @@ def rotary_from_config(m: ModelConfig) -> RotaryEmbedding:
 
 def mvm_intermediate_size(m: ModelConfig) -> int:
     return m.mvm.intermediate_size or m.intermediate_size
+
+
+def mvm_layer_indices(layers: str | list[int], num_layers: int) -> list[int]:
+    """Resolve ``model.mvm.layers`` (``all``, ``every:K`` or a list of indices) to sorted layer indices;
+    raises ValueError with the reason when the selection is invalid."""
+    problem = mvm_layers_problem(layers, num_layers)
+    if problem:
+        raise ValueError(problem)
+    if isinstance(layers, str):
+        step = 1 if layers == "all" else int(layers.split(":", 1)[1])
+        return list(range(0, num_layers, step))
+    return sorted(int(i) for i in layers)
 
 
 def layer_has_mvm(m: ModelConfig, layer_idx: int) -> bool:

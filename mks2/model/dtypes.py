@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mks2.config import Precision
+from mks2.config.schema import Precision
 
 PRECISION_DTYPES: dict[Precision, torch.dtype] = {
     Precision.FP32: torch.float32,

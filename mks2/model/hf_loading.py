@@ -27,7 +27,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mks2.config import ConfigError, RunConfig, validate
+from mks2.config.errors import ConfigError
+from mks2.config.schema import RunConfig, validate
 from mks2.model.rope import normalize_rope_scaling
 
 WeightGather = Callable[[list[nn.Parameter]], contextlib.AbstractContextManager]

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mks2.config import ModelConfig, Stage, VisionKind
+from mks2.config.schema import ModelConfig, Stage, VisionKind
 from mks2.constants import IGNORE_INDEX
 from mks2.model.attention import build_attention_context
 from mks2.model.decoder import DecoderLayer, rotary_from_config

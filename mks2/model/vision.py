@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mks2.config import VisionKind
+from mks2.config.schema import VisionKind
 from mks2.model.dtypes import torch_dtype
 from mks2.model.hf_loading import _iter_file, checkpoint_index
 

@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mks2.config import REPO_ROOT, ConfigError, Offload, ParallelMode, Precision, RunConfig, grad_accumulation_steps
+from mks2.config import REPO_ROOT, ConfigError, Offload, ParallelMode, Precision, RunConfig
+from mks2.training.batch import grad_accumulation_steps
 
 DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
 

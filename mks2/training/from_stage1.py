@@ -60,10 +60,6 @@ ARCHITECTURE_KEYS = (
 VISION_KEYS = ("kind", "path", "image_token_id", "image_size", "feature_layer")
 """``model.vision.*`` keys taken from the stage-1 run unless stage 2 is text-only (``vision.kind=none``)."""
 
-STAGE1_ONLY_PREFIXES = ("retrieval.",)
-"""Parameters of a stage-1 model that a stage-2 model does not have (dropped)."""
-
-
 @dataclass(frozen=True)
 class Stage1Source:
     """A complete stage-1 checkpoint: ``save_dir``/``tag``, the run's resolved config and trainer state."""

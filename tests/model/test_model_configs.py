@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from mks2 import load_config
-from mks2.config import mvm_layer_indices
 from mks2.model import MKS2ForCausalLM
+from mks2.model.decoder import mvm_layer_indices
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

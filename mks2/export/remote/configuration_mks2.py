@@ -15,7 +15,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from mks2.config import ModelConfig
+from mks2.config.schema import ModelConfig
 
 MODEL_TYPE = "mks2_llama"
 

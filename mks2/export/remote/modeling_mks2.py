@@ -20,7 +20,7 @@ import torch
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from mks2.config import VisionKind
+from mks2.config.schema import VisionKind
 from mks2.export.remote.configuration_mks2 import MKS2LlamaConfig
 from mks2.model.dtypes import precision_of
 from mks2.model.modeling import MKS2ForCausalLM
