@@ -1,7 +1,7 @@
 """DeepSpeed config: the JSON template (engine-only knobs) filled with the values our run config owns.
 
 The template (``ds_configs/<mode>.json`` or ``parallel.ds_config``) holds what only DeepSpeed knows
-about: bucket sizes, prefetching, loss-scaler tuning, pipeline partitioning. Every value that
+about: bucket sizes, prefetching, loss-scaler tuning, pipeline activation partitioning. Every value that
 duplicates the run config -- batch sizes, accumulation, optimizer hyper-parameters, precision,
 clipping, ZeRO stage and offload, TensorBoard -- is written here from the run config, so the two can
 never disagree; a template value that differs is overwritten and reported in the returned notes.
@@ -114,6 +114,11 @@ def build_ds_config(
 
     if par.mode == ParallelMode.PIPELINE:
         pipe = ds.setdefault("pipeline", {})
+        if "partition" in pipe:  # the stage split is ours: mks2.model.pipeline_layout
+            notes.append(
+                f"{path.name}: pipeline.partition={pipe.pop('partition')!r} ignored: mks2 spreads the decoder "
+                "layers evenly over parallel.pipeline_stages"
+            )
         put(
             pipe,
             "activation_checkpoint_interval",

@@ -6,8 +6,9 @@
   is constructed; HF weights streamed in through ``GatheredParameters``), wrapped in the stage's
   objective module, and handed to ``deepspeed.initialize`` with only the trainable parameters.
 - ``pipeline``: the full model is built on every rank with the same seed (so initialisation is
-  identical to zero3 mode), split into the stage's LayerSpecs, and each rank keeps only its pipeline
-  stage's layers; ZeRO-1 across the data-parallel replicas.
+  identical to zero3 mode), split into the stage's LayerSpecs (``task.pipeline``: the layer list and
+  stage split of ``mks2.model.pipeline_layout``), and each rank keeps only its pipeline stage's layers;
+  ZeRO-1 across the data-parallel replicas.
 
 In both modes the frozen vision towers stay OUT of the engine (``FrozenVision``, replicated), and
 the optimizer (AdamW; ``torch.optim.AdamW`` on CPU so nothing is JIT-compiled) and our own
@@ -205,9 +206,9 @@ def _build_pipeline(
     cfg: RunConfig, task: StageTask, ds_config: dict, dtype: torch.dtype, stages: int
 ) -> TrainingEngine:
     import deepspeed
-    from deepspeed.pipe import PipelineModule
 
     from mks2.model import parameter_summary
+    from mks2.training.pipeline_module import LayoutPipelineModule
 
     if cfg.model.tie_word_embeddings:
         from mks2.config import ConfigError
@@ -220,20 +221,16 @@ def _build_pipeline(
     device = _device()
     vision = FrozenVision(model.vision, device, dtype)
     spec = task.pipeline(model)
-    pipe_cfg = ds_config.get("pipeline", {})
-    interval = int(pipe_cfg.get("activation_checkpoint_interval", 0))
-    module = PipelineModule(
+    interval = int(ds_config.get("pipeline", {}).get("activation_checkpoint_interval", 0))
+    module = LayoutPipelineModule(  # stage split and checkpointed layers: mks2.model.pipeline_layout
+        layout=spec.layout,
         layers=spec.layers,
         num_stages=stages,
         loss_fn=spec.loss_fn,
-        partition_method=pipe_cfg.get("partition", "type:DecoderLayerPipe"),
         activation_checkpoint_interval=interval,
-        checkpointable_layers=spec.checkpointable_layers,
         dynamic_shape=True,
     )
-    source = getattr(task, "_source", None)
-    if source is not None:
-        source.release()  # other stages' layers are freed once ``model`` goes out of scope
+    spec.release()  # other stages' layers are freed once ``model`` goes out of scope
     del model
     groups = _param_groups(module, cfg.train.weight_decay)
     if not groups:

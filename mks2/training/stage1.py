@@ -24,8 +24,8 @@ from mks2.config import RunConfig, Stage, VisionKind
 from mks2.constants import IGNORE_INDEX
 from mks2.model import causal_lm_loss
 from mks2.training.losses import contrastive_loss
-from mks2.training.pipeline import DecoderLayerPipe, EmbedPipe, ModelSource
-from mks2.training.task import PipelineSpec, StageTask
+from mks2.training.pipeline import HeadPipe, PipelineSpec, build_pipeline_spec
+from mks2.training.task import StageTask
 
 
 def _pad_to(x: torch.Tensor, length: int, value: int) -> torch.Tensor:
@@ -123,19 +123,14 @@ class Stage1Objective(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# Pipeline split: embedding (+ image prefix) | decoder layers | norm + heads; loss on the last stage
+# Pipeline split (mks2.training.pipeline): the stage-1 head and loss; ``ret_eos_index`` is the extra
 # --------------------------------------------------------------------------------------------
 
 
-class Stage1HeadPipe(nn.Module):
+class Stage1HeadPipe(HeadPipe):
     """Final norm, LM head on the caption rows, retrieval projection on the retrieval rows."""
 
-    def __init__(self, source: ModelSource):
-        super().__init__()
-        m = source.get()
-        self.norm = m.model.norm
-        self.lm_head = m.lm_head
-        self.retrieval = m.retrieval
+    retrieval: nn.Module
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         hidden, _, segment_ids, eos = inputs
@@ -177,7 +172,6 @@ class Stage1Task(StageTask):
 
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
-        self.dp_group = None  # set by the engine builder once the data-parallel group exists
         self.collect: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # evaluation: embeddings
 
     def check(self, cfg: RunConfig) -> list[str]:
@@ -236,14 +230,7 @@ class Stage1Task(StageTask):
         return [model.retrieval.logit_scale]
 
     def pipeline(self, model: nn.Module) -> PipelineSpec:
-        from deepspeed.pipe import LayerSpec
-
-        source = ModelSource(model)
-        layers = [LayerSpec(EmbedPipe, source)]
-        layers += [LayerSpec(DecoderLayerPipe, source, i) for i in range(len(model.model.layers))]
-        layers.append(LayerSpec(Stage1HeadPipe, source))
-        self._source = source
-        return PipelineSpec(layers=layers, loss_fn=Stage1PipeLoss(self), checkpointable_layers=["DecoderLayerPipe"])
+        return build_pipeline_spec(model, head=Stage1HeadPipe, loss_fn=Stage1PipeLoss(self))
 
     def pipeline_tuples(self, prepared: dict[str, torch.Tensor]) -> tuple[tuple, tuple]:
         p = prepared

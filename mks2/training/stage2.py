@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 from mks2.config import ConfigError, RunConfig, SFTData, Stage, VisionKind
-from mks2.model import causal_lm_loss, embed_inputs
+from mks2.model import causal_lm_loss
 from mks2.training.from_stage1 import Stage1Source, adopt_stage1_config, load_stage1_weights, locate_stage1
-from mks2.training.task import PipelineSpec, StageTask
+from mks2.training.pipeline import HeadPipe, PipelineSpec, build_pipeline_spec
+from mks2.training.task import StageTask
 
 log = logging.getLogger("mks2.training")
 
@@ -115,55 +116,14 @@ class SFTObjective(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# Pipeline split: embedding (+ image prefix) | decoder layers | norm + head; loss on the last stage
+# Pipeline split (mks2.training.pipeline): the stage-2 head and loss; no extra tensors are carried
 # --------------------------------------------------------------------------------------------
 
 
-class SFTEmbedPipe(nn.Module):
-    """(input_ids, position_ids, segment_ids, vision_features) -> (hidden, position_ids, segment_ids)."""
-
-    def __init__(self, source: Any):
-        super().__init__()
-        m = source.get()
-        self.embed_tokens = m.model.embed_tokens
-        self.vision = m.vision  # frozen towers unused here (they run outside the engine); mapping trains
-        self.vocab_size = m.vocab_size
-        self.image_token_id = m.image_token_id
-
-    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        input_ids, position_ids, segment_ids, vision_features = inputs
-        hidden = embed_inputs(
-            input_ids,
-            embed_tokens=self.embed_tokens,
-            vocab_size=self.vocab_size,
-            image_token_id=self.image_token_id,
-            vision=self.vision,
-            vision_features=vision_features if self.vision is not None else None,
-        )  # [B, S, D]
-        return hidden, position_ids, segment_ids
-
-
-class SFTDecoderLayerPipe(nn.Module):
-    """One decoder layer (MoME where the layer has an MVM) on (hidden, position_ids, segment_ids)."""
-
-    def __init__(self, source: Any, index: int):
-        super().__init__()
-        self.layer = source.get().model.layers[index]
-
-    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        hidden, position_ids, segment_ids = inputs
-        hidden, _ = self.layer(hidden, position_ids, segment_ids)
-        return hidden, position_ids, segment_ids
-
-
-class SFTHeadPipe(nn.Module):
+class SFTHeadPipe(HeadPipe):
     """Final norm + LM head -> (logits [B, S, V], segment_ids)."""
 
-    def __init__(self, source: Any):
-        super().__init__()
-        m = source.get()
-        self.norm = m.model.norm
-        self.lm_head = m.lm_head
+    takes = ("norm", "lm_head")  # no retrieval rows in stage 2
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         hidden, _, segment_ids = inputs
@@ -199,7 +159,6 @@ class Stage2Task(StageTask):
 
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
-        self.dp_group = None  # set by the engine builder
         self.collect: list[torch.Tensor] | None = None  # evaluation: per-micro-batch (loss sum, tokens)
         self.stage1: Stage1Source | None = None
         self.notes: list[str] = []
@@ -261,16 +220,7 @@ class Stage2Task(StageTask):
         return SFTObjective(model, self)
 
     def pipeline(self, model: nn.Module) -> PipelineSpec:
-        from deepspeed.pipe import LayerSpec
-
-        from mks2.training.stage1 import ModelSource
-
-        source = ModelSource(model)
-        layers = [LayerSpec(SFTEmbedPipe, source)]
-        layers += [LayerSpec(SFTDecoderLayerPipe, source, i) for i in range(len(model.model.layers))]
-        layers.append(LayerSpec(SFTHeadPipe, source))
-        self._source = source
-        return PipelineSpec(layers=layers, loss_fn=SFTPipeLoss(self), checkpointable_layers=["SFTDecoderLayerPipe"])
+        return build_pipeline_spec(model, head=SFTHeadPipe, loss_fn=SFTPipeLoss(self))
 
     def pipeline_tuples(self, prepared: dict[str, torch.Tensor]) -> tuple[tuple, tuple]:
         p = prepared

@@ -1,39 +1,33 @@
-"""What differs between training stages: the batch -> losses step. Everything else (engine, loop,
-checkpoints, resume, faults, logging) is shared and lives in ``engine.py`` / ``loop.py``.
+"""What differs between training stages: the model, the data and the batch -> loss step. Everything
+else (engine, loop, checkpoints, resume, faults, logging) is shared and lives in ``engine.py`` /
+``loop.py``, which use a stage only through :class:`StageTask`:
 
-A stage implements :class:`StageTask`:
+- ``check``: problems found before start-up, reported with the config errors (default: every input
+  path exists);
+- ``build_model``: the initialised, correctly frozen ``MKS2ForCausalLM`` (stage 2 also loads a
+  stage-1 checkpoint);
+- ``build_loader``: this data-parallel rank's resumable iterable of training batches;
+- ``prepare``: a loader batch -> the tensors the step consumes, on the device, with the frozen vision
+  outputs computed outside the engine;
+- ``objective`` (+ ``external_parameters``): the ``nn.Module`` the ZeRO-3 engine wraps; its forward
+  returns the micro-batch's loss and records the metrics in ``sink``;
+- ``pipeline`` / ``pipeline_tuples``: the same step as a :class:`~mks2.training.pipeline.PipelineSpec`
+  for ``deepspeed.pipe`` and the (first-stage inputs, last-stage labels) tuples that feed it;
+- ``evaluate``, ``count_tokens``, ``count_positions``: held-out metrics and throughput counts.
 
-- ``build_model``: the initialised, correctly frozen ``MKS2ForCausalLM`` (stage 1: ``build_model``;
-  stage 2 also loads a stage-1 checkpoint);
-- ``build_loader``: this data-parallel rank's training batches (the batch contract of COMMON.md);
-- ``prepare``: a loader batch -> the tensors the objective consumes, on the device, with the frozen
-  vision outputs computed outside the engine;
-- ``objective``: the ``nn.Module`` the ZeRO-3 engine wraps; ``forward(**prepared)`` returns
-  ``(loss, {metric: 0-d tensor})``;
-- ``pipeline_layers`` / ``pipeline_feed``: the same step split into LayerSpecs and (inputs, labels)
-  tuples for ``deepspeed.pipe``.
+The engine builder hands back one thing: ``dp_group``, the data-parallel process group, once it exists.
 """
 
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from mks2.config import RunConfig, Stage
-
-
-@dataclass
-class PipelineSpec:
-    """A stage's pipeline split: LayerSpecs, the last stage's loss callable (which also records the
-    per-micro-batch metrics, see :class:`MetricSink`) and the class names DeepSpeed may checkpoint."""
-
-    layers: list[Any]
-    loss_fn: Any
-    checkpointable_layers: list[str]
+from mks2.training.pipeline import PipelineSpec
 
 
 class MetricSink:
@@ -99,6 +93,10 @@ class StageTask(abc.ABC):
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.sink = MetricSink(self.metric_names)
+        self.dp_group: Any = None
+        """This rank's data-parallel process group (a ``torch.distributed`` group), set by the engine
+        builder (``engine.build_engine``) before the first step; the losses gather over it (stage 1's
+        retrieval negatives span the whole data-parallel batch). None before the engine exists."""
 
     def check(self, cfg: RunConfig) -> list[str]:
         """Problems found before start-up (reported together with the other config errors): every
@@ -122,7 +120,8 @@ class StageTask(abc.ABC):
 
     @abc.abstractmethod
     def objective(self, model: nn.Module) -> nn.Module:
-        """Module wrapped by the ZeRO-3 engine: ``forward(**prepared) -> (loss, metrics)``."""
+        """Module wrapped by the ZeRO-3 engine: ``forward(**prepared)`` -> the 0-d loss; the metrics go to
+        ``self.sink``."""
 
     def external_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         """Parameters the objective's forward reads directly, outside their owner's forward; ZeRO-3
@@ -131,7 +130,8 @@ class StageTask(abc.ABC):
 
     @abc.abstractmethod
     def pipeline(self, model: nn.Module) -> PipelineSpec:
-        """LayerSpecs + loss callable of the same step for ``deepspeed.pipe.PipelineModule``."""
+        """The same step split for ``deepspeed.pipe``: ``mks2.training.pipeline.build_pipeline_spec`` with
+        the stage's head and loss callable. ``spec.release()`` is called once this rank's layers exist."""
 
     @abc.abstractmethod
     def pipeline_tuples(self, prepared: dict[str, torch.Tensor]) -> tuple[tuple, tuple]:
