@@ -12,7 +12,8 @@ Module tree (names mirror HF Llama, so HF checkpoints load by name)::
       vision                    VisionFrontEnd (frozen towers + trainable ``mapping``), if model.vision.kind != none
       retrieval                 RetrievalHead (``proj``, ``logit_scale``), stage ``mvm`` with vision only
 
-Pipeline split (for DeepSpeed ``PipelineModule`` LayerSpecs; everything a stage needs is reusable):
+Pipeline split (the layer list, its key map and stage split: ``mks2.model.pipeline_layout``; the
+LayerSpecs are built in ``mks2.training.pipeline``; everything a pipeline layer needs is reusable):
 
 1. embedding stage: :func:`embed_inputs` (token embedding + image-prefix splice) and
    :func:`prepare_positions` -> ``(hidden [B, S, D], position_ids [B, S], segment_ids [B, S])``;
