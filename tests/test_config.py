@@ -1,5 +1,7 @@
 """Config loading: merged YAML + overrides, and one message listing every problem."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,8 +13,11 @@ from mks2.config import (
     Stage,
     config_from_dict,
     load_config,
+    schema,
     to_dict,
 )
+from mks2.config.reference import REFERENCE_PATH, config_reference, enum_of, leaf_fields, undocumented_fields
+from mks2.errors import UserError
 from mks2.model.decoder import mvm_layer_indices
 from mks2.training.batch import check_world_size, grad_accumulation_steps
 
@@ -103,3 +108,38 @@ def test_round_trip_through_plain_dict():
     assert plain["model"]["stage"] == "mome"
     again = config_from_dict(plain)
     assert to_dict(again) == plain
+
+
+def test_config_error_is_a_user_error():
+    assert issubclass(ConfigError, UserError) and issubclass(ConfigError, ValueError)
+
+
+def test_every_leaf_field_and_enum_value_is_documented():
+    assert undocumented_fields() == [], "add a docstring right under each of these fields in mks2/config/schema.py"
+    keys = {leaf.key for leaf in leaf_fields()}
+    assert {"train.lr", "train.precision", "parallel.mode", "parallel.nvme_path", "data.chat_template"} <= keys
+    assert "data.datasets[].weight" in keys and "model.mvm.layers" in keys
+    for leaf in leaf_fields():
+        enum_cls = enum_of(leaf.type)
+        if enum_cls is not None:
+            assert not [m for m in enum_cls if "`" + m.value + "`" not in config_reference()], leaf.key
+
+
+def test_committed_config_reference_is_up_to_date():
+    committed = Path(__file__).resolve().parents[1] / REFERENCE_PATH
+    assert committed.read_text(encoding="utf-8") == config_reference(), (
+        "docs/CONFIG.md is stale: python -m mks2.config --reference --output docs/CONFIG.md"
+    )
+
+
+def test_schema_needs_no_omegaconf():
+    """The model and the bundled remote code import the schema alone: it must work without OmegaConf."""
+    code = (  # schema.py loaded as a lone file (as in an export), with omegaconf made unimportable
+        "import importlib.util, sys; sys.modules['omegaconf'] = None\n"
+        f"spec = importlib.util.spec_from_file_location('schema_alone', {str(schema.__file__)!r})\n"
+        "s = sys.modules['schema_alone'] = importlib.util.module_from_spec(spec); spec.loader.exec_module(s)\n"
+        "ours = sorted(m for m in sys.modules if m.startswith(('mks2', 'omegaconf', 'schema')))\n"
+        "print(s.validate(s.RunConfig()), ours)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[] ['omegaconf', 'schema_alone']"  # nothing but the file itself was imported

@@ -153,7 +153,9 @@ Every problem (unknown key, wrong type, bad value, impossible combination) is re
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|")
+    """A docstring as Markdown table-cell text: reST double-backtick code spans become single-backtick ones
+    and pipes are escaped."""
+    return text.replace("``", "`").replace("|", "\\|")
 
 
 def _show_default(value: Any) -> str:
@@ -190,7 +192,7 @@ def config_reference() -> str:
             continue
         lines += [f"## `{name}`", ""]
         if docs[cls.__name__].summary:
-            lines += [docs[cls.__name__].summary, ""]
+            lines += [_cell(docs[cls.__name__].summary), ""]
         lines += ["| key | type | default | description |", "|---|---|---|---|"]
         for leaf in by_section[name]:
             row = (f"`{leaf.key}`", _show_type(leaf), _show_default(leaf.default), _cell(leaf.doc or ""))

@@ -66,7 +66,7 @@ class KernelBackend(str, enum.Enum):
     TRITON = "triton"
     """The Triton kernel."""
     CUDA = "cuda"
-    """The CUDA C++ extension."""
+    """The CUDA C++ extension (JIT-built on first use)."""
     TORCH = "torch"
     """The pure-PyTorch reference."""
 
@@ -191,7 +191,7 @@ class LoRAConfig:
     alpha: float = 32.0
     """LoRA scaling numerator: the update is (alpha / r) * B A x."""
     dropout: float = 0.05
-    """Dropout on the LoRA input branch."""
+    """Dropout on the LoRA input branch: the update is (alpha / r) * B A dropout(x), B zero-initialised."""
     targets: list[str] = field(default_factory=lambda: ["mlp", "mvm"])
     """Modules that get adapters: the experts ``mlp`` and ``mvm``, optionally ``q_proj``,
     ``k_proj``, ``v_proj``, ``o_proj``."""
@@ -236,7 +236,8 @@ class VisionConfig:
     image_token: str = "<image>"
     """Placeholder in text where the visual prefix is spliced."""
     image_token_id: int = -200
-    """Token id of the placeholder in tokenized data (negative: never a real vocabulary id)."""
+    """Token id of the placeholder in tokenized data, one per prefix token after collation (negative: never
+    a real vocabulary id)."""
     image_size: int | None = None
     """Input resolution; defaults to the vision checkpoint's."""
     feature_layer: int = -2
@@ -290,7 +291,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     """Rotary embedding base frequency (HF ``rope_theta``)."""
     rope_scaling: dict[str, Any] | None = None
-    """HF ``rope_scaling`` dict (``rope_type``: linear, dynamic, llama3, ...)."""
+    """HF ``rope_scaling`` dict: ``rope_type`` one of linear, dynamic, llama3, yarn (the legacy key ``type``
+    is accepted)."""
     tie_word_embeddings: bool = False
     """Share the LM-head weight with the token embedding (Llama-2: false)."""
     attention: AttentionBackend = AttentionBackend.AUTO
@@ -339,21 +341,24 @@ class DataConfig:
     """Training and evaluation data: pretokenized Arrow shards, tokenizer, packing and loading."""
 
     datasets: list[DatasetSource] = field(default_factory=list)
-    """Training datasets with mixing weights."""
+    """Training datasets with mixing weights, each a path or a ``{path, weight}`` mapping."""
     eval_datasets: list[DatasetSource] = field(default_factory=list)
-    """Held-out datasets for evaluation."""
+    """Held-out datasets for evaluation: one ordered pass, padded so every rank runs as many batches."""
     tokenizer: str | None = None
-    """sentencepiece model file or HF tokenizer directory (``demo`` for the demo world's)."""
+    """sentencepiece model file or HF tokenizer directory (``demo`` for the demo world's); its fingerprint
+    must match every dataset manifest's."""
     image_root: str | None = None
-    """Directory the ``image`` column of the shards is relative to."""
+    """Directory the ``image`` column of the shards is relative to; overrides the ``--image-root`` recorded
+    in each manifest at pretokenization."""
     cache_dir: str = "~/.cache/mks2"
     """Where demo data and other derived artefacts are built."""
     seq_len: int = 2048
     """Tokens per sample after packing or padding (vision prefix included)."""
     packing: bool = True
-    """Pack short samples into one sequence (attention isolated per document); else pad."""
+    """Pack short samples into one sequence (attention isolated per document); else pad. Must be false in
+    stage ``mvm`` (one captioned image per row, for retrieval)."""
     num_workers: int = 2
-    """DataLoader worker processes per rank."""
+    """DataLoader worker processes per rank (image decoding and processing run there)."""
     verify_hashes: bool = True
     """Check shard sha256 against the manifest at start-up (slow on huge datasets)."""
     chat_template: ChatTemplate = ChatTemplate.LLAMA2
@@ -404,7 +409,8 @@ class TrainConfig:
     precision: Precision = Precision.BF16
     """Training precision of the DeepSpeed engine (its ``bf16``/``fp16`` sections are set from it)."""
     activation_checkpointing: bool = False
-    """Recompute each decoder layer in the backward pass (less activation memory, about a third more compute)."""
+    """Recompute each decoder layer in the backward pass: less activation memory for one more forward pass of
+    each layer."""
     caption_loss_weight: float = 1.0
     """Stage 1: weight of the image-to-text generation loss."""
     retrieval_loss_weight: float = 1.0
@@ -419,7 +425,8 @@ class TrainConfig:
     keep_last: int = 3
     """Checkpoints kept; older complete ones are deleted."""
     resume: str = "auto"
-    """``auto`` (newest complete checkpoint if any), ``none``, ``require`` (fail if none) or a tag."""
+    """``auto`` (newest complete checkpoint if any), ``none``, ``require`` (fail if none), or a tag
+    (``step_00000010``) or step number."""
     max_skipped_steps: int = 10
     """Consecutive non-finite steps after which the run stops."""
     log_interval: int = 1

@@ -1,0 +1,89 @@
+"""The one home of training checkpoints: layout, writer, readers of both parallel modes, find, errors.
+
+Layout of ``train.save_dir`` (one directory per saved optimizer step)::
+
+    <save_dir>/
+      step_00000010/                 DeepSpeed's files (model / optimizer / scheduler state; in pipeline
+                                     mode one layer_XX-model_states.pt per LayerSpec)
+        mks2/trainer.json            step, stage, parallel mode, world/data-parallel/pipeline sizes,
+                                     consumed samples, skipped-step counters (rank 0)      metadata
+        mks2/config.json             the resolved run config (mks2.config.to_dict) (rank 0) metadata
+        mks2/rank_00000.pt ...       one per rank: python/numpy/torch(/accelerator) RNG states and the
+                                     rank's data-loader state (tensors/containers only)   rank_state
+        COMPLETE                     written LAST by rank 0 after every rank finished (a barrier) writer
+      latest                         tag of the newest COMPLETE checkpoint (what DeepSpeed's
+                                     readers use)                                             writer
+      metrics.jsonl                  one JSON object per optimizer step (mks2.training.metrics)
+
+A directory without ``COMPLETE`` is not a checkpoint: ``find`` never returns it and retention
+(``prune``) deletes it once a newer complete one exists. DeepSpeed's own ``latest`` is not written
+(``save_latest=False``); ours is only updated after the marker, so it never points at a partial save.
+
+Modules (each one job; the package imports config and model, never training or export):
+
+- ``errors``: ``CheckpointError`` (a ``mks2.errors.UserError``), ``PipelineLayoutError``;
+- ``layout``: names (``MARKER``, ``CLIENT_DIR``, ``TAG_RE``, ``tag_for``, ``rank_file``),
+  ``list_checkpoints``, the shape-changing config keys (``shape_changes``);
+- ``metadata``: the one writer/reader of ``trainer.json`` + ``config.json``, ``TrainingCheckpoint``;
+- ``find``: the one ``find`` (save_dir or checkpoint directory + tag -> a complete checkpoint), with
+  ``find_resume`` (``train.resume``'s none/auto/require policy) and ``find_checkpoint`` (+ metadata);
+- ``rank_state`` / ``writer``: what the trainer saves per rank, and rank 0's marker, ``latest``, retention;
+- ``tensors``: ``TensorSpec`` (shape + dtype), the ``TensorSource`` interface, ``ModuleSource``;
+- ``zero_reader`` / ``pipeline_reader``: tensor-by-tensor readers of DeepSpeed's files per mode;
+- ``consolidated``: ``open_consolidated`` / ``load_consolidated`` (either mode, under our names).
+"""
+
+from mks2.checkpoint.consolidated import (
+    ConsolidatedCheckpoint,
+    build_empty_model,
+    load_consolidated,
+    open_consolidated,
+)
+from mks2.checkpoint.errors import CheckpointError, PipelineLayoutError
+from mks2.checkpoint.find import find, find_checkpoint, find_resume
+from mks2.checkpoint.layout import (
+    CLIENT_DIR,
+    MARKER,
+    TAG_RE,
+    CheckpointDir,
+    list_checkpoints,
+    rank_file,
+    shape_changes,
+    tag_for,
+)
+from mks2.checkpoint.metadata import TrainingCheckpoint, read_meta, write_meta
+from mks2.checkpoint.rank_state import load_rank_state, save_rank_state, set_rng_state
+from mks2.checkpoint.tensors import ModuleSource, TensorSource, TensorSpec, tensor_specs
+from mks2.checkpoint.writer import mark_complete, prune
+
+__all__ = [
+    "CLIENT_DIR",
+    "MARKER",
+    "TAG_RE",
+    "CheckpointDir",
+    "CheckpointError",
+    "ConsolidatedCheckpoint",
+    "ModuleSource",
+    "PipelineLayoutError",
+    "TensorSource",
+    "TensorSpec",
+    "TrainingCheckpoint",
+    "build_empty_model",
+    "find",
+    "find_checkpoint",
+    "find_resume",
+    "list_checkpoints",
+    "load_consolidated",
+    "load_rank_state",
+    "mark_complete",
+    "open_consolidated",
+    "prune",
+    "rank_file",
+    "read_meta",
+    "save_rank_state",
+    "set_rng_state",
+    "shape_changes",
+    "tag_for",
+    "tensor_specs",
+    "write_meta",
+]
