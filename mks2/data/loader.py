@@ -3,7 +3,7 @@
 Signature::
 
     build_dataloader(cfg, *, rank, world_size, stage=None, image_processor=None, num_prefix_tokens=0,
-                     consumed_samples=0, state=None, split="train", batch_size=None, num_workers=None)
+                     consumed_rows=0, state=None, split="train", batch_size=None, num_workers=None)
         -> MKS2DataLoader
 
 - ``rank``/``world_size``: the DATA-PARALLEL rank and size (pipeline stages of one replica share a rank).
@@ -12,8 +12,9 @@ Signature::
 - ``image_processor``: a transformers image processor (the vision checkpoint's); required when a
   dataset holds images. ``num_prefix_tokens``: P, from ``mks2.model.vision.vision_prefix_length``.
 - Resuming: ``state`` (a previous ``loader.state_dict()``) continues exactly; without it
-  ``consumed_samples`` (rows consumed by all ranks together, i.e. steps x global batch) skips that many
-  rows (replaying the row cuts when packing). Either works with a different ``world_size``.
+  ``consumed_rows`` (rows consumed by all ranks together, i.e. steps x global batch) skips that many
+  rows (replaying the row cuts when packing). Either works with a different ``world_size``. The state
+  also says how many samples those rows held (``consumed_samples``: more than the rows when packing).
 - ``split``: ``train`` (``data.datasets``: infinite, shuffled, mixed by weight, packed if
   ``data.packing``) or ``eval`` (``data.eval_datasets``: one ordered pass, one sample per row, padded
   by repetition so every rank runs the same number of batches).
@@ -154,7 +155,7 @@ def build_dataloader(
     stage: Stage | str | None = None,
     image_processor: Any = None,
     num_prefix_tokens: int = 0,
-    consumed_samples: int = 0,
+    consumed_rows: int = 0,
     state: dict[str, Any] | None = None,
     split: str = "train",
     batch_size: int | None = None,
@@ -210,8 +211,8 @@ def build_dataloader(
         )
         if state is not None:
             sampler.load_state_dict(state)
-        elif consumed_samples:
-            sampler.skip_rows(consumed_samples)
+        elif consumed_rows:
+            sampler.skip_rows(consumed_rows)
     else:
         sampler = EvalSampler([len(d) for d in datasets], rank=rank, world_size=world_size, batch_size=B)
     workers = cfg.data.num_workers if num_workers is None else num_workers

@@ -28,7 +28,7 @@ from mks2.data.permutation import FeistelPermutation, seed_words, uniform01
 
 Unit = tuple[tuple[int, int], ...]  # ((dataset, index), ...) -- the samples of one row
 _CHUNK = 4096  # draws / permuted positions computed per vectorised batch
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: ``consumed_rows`` added; ``consumed_samples`` counts samples (version 1 counted rows there)
 
 
 class SampleStream:
@@ -195,7 +195,7 @@ class DistributedSampler:
         self.rank = rank
         self.world_size = world_size
         self._committed = units.stream.state_dict()
-        self._consumed = 0  # rows consumed by all ranks together
+        self._consumed_rows = 0  # rows consumed by all ranks together (steps x global batch)
         self._pending: deque[dict[str, Any]] = deque()
 
     def __iter__(self) -> Iterator[Unit]:
@@ -210,13 +210,17 @@ class DistributedSampler:
         """The trainer took ``count`` more of this rank's units (all ranks took as many)."""
         for _ in range(count):
             self._committed = self._pending.popleft()
-        self._consumed += count * self.world_size
+        self._consumed_rows += count * self.world_size
 
     def state_dict(self) -> dict[str, Any]:
+        """The committed state, identical on every rank. ``consumed_rows``: training rows taken by all ranks
+        together (steps x global batch); ``consumed_samples``: the samples in them (a stage-1 caption/image
+        pair, a stage-2 instruction), more than the rows when packing -- the sample stream's draws."""
         s = self.units.stream
         return {
             "version": STATE_VERSION,
-            "consumed_samples": self._consumed,
+            "consumed_rows": self._consumed_rows,
+            "consumed_samples": int(self._committed["draws"]),
             "epoch": [p // n for p, n in zip(self._committed["positions"], s.sizes)],
             "stream": dict(self._committed),
             "seed": s.seed,
@@ -224,7 +228,7 @@ class DistributedSampler:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
+        if state.get("version") not in (1, STATE_VERSION):  # version 1: checkpoints written before 2
             raise ValueError(f"unknown sampler state version {state.get('version')!r}")
         if state.get("seed") != self.units.stream.seed:
             raise ValueError(
@@ -232,7 +236,8 @@ class DistributedSampler:
             )
         self.units.stream.load_state_dict(state["stream"])  # validates dataset sizes
         self._committed = self.units.stream.state_dict()
-        self._consumed = int(state["consumed_samples"])
+        # version 1 named the row count ``consumed_samples``
+        self._consumed_rows = int(state["consumed_rows"] if state["version"] > 1 else state["consumed_samples"])
         self._pending.clear()
 
     def skip_rows(self, consumed_rows: int) -> None:
@@ -240,7 +245,7 @@ class DistributedSampler:
         self.units.stream.load_state_dict(self._committed)
         self.units.skip_units(consumed_rows)
         self._committed = self.units.stream.state_dict()
-        self._consumed += consumed_rows
+        self._consumed_rows += consumed_rows
         self._pending.clear()
 
 

@@ -109,7 +109,9 @@ class Trainer:
 
     # ---- one optimizer step -------------------------------------------------------------------
 
-    def _step_zero3(self) -> tuple[float, int, int]:
+    def _step_zero3(self) -> tuple[torch.Tensor, int, int]:
+        """One optimizer step of gradient-accumulated micro-batches -> (0-d loss sum over them, tokens,
+        positions) of this rank."""
         engine, te = self.engine, self.te
         loss_sum = torch.zeros((), device=te.device)
         tokens = positions = 0

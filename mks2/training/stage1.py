@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mks2.config import RunConfig, Stage, VisionKind
+from mks2.config import RunConfig, Stage
 from mks2.constants import IGNORE_INDEX
 from mks2.model import causal_lm_loss
 from mks2.training.losses import contrastive_loss
@@ -178,8 +178,7 @@ class Stage1Task(StageTask):
         p = super().check(cfg)
         if Stage(cfg.model.stage) != Stage.MVM:
             p.append(f"model.stage={cfg.model.stage.value}: launch/pretrain_mvm.py trains stage 'mvm'")
-        if VisionKind(cfg.model.vision.kind) == VisionKind.NONE:
-            p.append("model.vision.kind: stage 1 needs a vision front-end (blip2 or clip)")
+        # (stage mvm without a vision front-end never gets here: the config's validation rejects it)
         if cfg.data.packing:
             p.append("data.packing: must be false in stage 1 (one captioned image per row for retrieval)")
         if not cfg.data.datasets:

@@ -103,7 +103,8 @@ def test_stage2_mixing_packing_and_images(corpora, sp_model):
 def test_loader_resume_with_prefetching_workers(corpora, sp_model):
     cfg = run_config([str(corpora / "text")], tokenizer=str(sp_model), seq_len=48, packing=True, num_workers=1)
     full = build_dataloader(cfg, rank=0, world_size=1)
-    reference = [b["input_ids"] for b in itertools.islice(full, 6)]
+    batches = list(itertools.islice(full, 6))
+    reference = [b["input_ids"] for b in batches]
 
     first = build_dataloader(cfg, rank=0, world_size=1)
     it = iter(first)
@@ -114,9 +115,13 @@ def test_loader_resume_with_prefetching_workers(corpora, sp_model):
     rest = [b["input_ids"] for b in itertools.islice(resumed, 4)]
     assert all(torch.equal(a, b) for a, b in zip(reference[2:], rest))
 
-    # consumed_samples alone (rows = steps x global batch) reaches the same point
-    by_count = build_dataloader(cfg, rank=0, world_size=1, consumed_samples=state["consumed_samples"], num_workers=0)
+    # consumed_rows alone (rows = steps x global batch) reaches the same point
+    by_count = build_dataloader(cfg, rank=0, world_size=1, consumed_rows=state["consumed_rows"], num_workers=0)
     assert torch.equal(next(iter(by_count))["input_ids"], reference[2])
+    # packed rows: the state counts the documents they held as samples (segment k of a row = its k-th document)
+    documents = sum(int(row.max()) for b in batches[:2] for row in b["segment_ids"])
+    assert state["consumed_rows"] == 2 * cfg.train.micro_batch_size
+    assert state["consumed_samples"] == documents > state["consumed_rows"]
 
 
 def test_dp_ranks_split_each_global_batch(corpora, sp_model):

@@ -199,3 +199,29 @@ def test_eval_sampler_pads_to_equal_batches():
     seen = Counter(u for p in parts for u in p)
     assert set(seen) == {((d, i),) for d, n in enumerate([5, 3]) for i in range(n)}
     assert sum(seen.values()) - 8 == EvalSampler([5, 3], rank=0, world_size=world, batch_size=B).padded == 4
+
+
+def test_consumed_counts_rows_and_the_samples_they_hold():
+    """With packing a row holds several samples: the state counts both (rows = steps x global batch)."""
+    lengths = [[5 + (i % 4) for i in range(60)]]  # 5-8 tokens: two or three samples per 16-token row
+    s = _sampler((60,), world=2, packing=True, seq_len=16, lengths=lengths)
+    rows = list(itertools.chain.from_iterable(_take(s, 3, 2)))  # this rank's 6 of the 12 global rows
+    state = s.state_dict()
+    assert state["consumed_rows"] == 12
+    assert state["consumed_samples"] == state["stream"]["draws"] > 12
+    assert sum(len(u) for u in rows) < state["consumed_samples"]  # the other rank's rows count too
+    unpacked = _sampler((60,), world=2)
+    _take(unpacked, 3, 2)
+    assert unpacked.state_dict()["consumed_rows"] == unpacked.state_dict()["consumed_samples"] == 12
+
+
+def test_version_1_state_resumes_with_its_row_count():
+    """Checkpoints written before version 2 called the row count ``consumed_samples``."""
+    lengths = [[5 + (i % 4) for i in range(60)]]
+    first = _sampler((60,), packing=True, seq_len=16, lengths=lengths)
+    _take(first, 2, 3)
+    state = first.state_dict()
+    old = {k: v for k, v in state.items() if k != "consumed_rows"} | {"version": 1, "consumed_samples": 6}
+    resumed = _sampler((60,), packing=True, seq_len=16, lengths=lengths)
+    resumed.load_state_dict(old)
+    assert resumed.state_dict() == state
