@@ -61,9 +61,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from mks2.checkpoint import CheckpointError
-    from mks2.config import ConfigError
-    from mks2.export import ExportError, OutputExistsError, VerificationError, convert_checkpoint
+    from mks2.errors import UserError
+    from mks2.export import convert_checkpoint
 
     start = time.perf_counter()
     try:
@@ -81,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             atol=args.verify_atol,
             progress=not args.quiet,
         )
-    except (CheckpointError, ConfigError, ExportError, OutputExistsError, VerificationError, ValueError) as exc:
+    except (UserError, ValueError) as exc:  # plain ValueErrors: option parsing (--max-shard-size, ...)
         print(f"error: {exc}", file=sys.stderr)
         return 1
     size = result.total_bytes / 2**30

@@ -66,7 +66,7 @@ def _env() -> dict[str, str]:
 
 
 def _done(save_dir: Path, steps: int) -> bool:
-    from mks2.training.checkpoint import list_checkpoints
+    from mks2.checkpoint import list_checkpoints
 
     complete, _ = list_checkpoints(save_dir)
     return bool(complete) and complete[-1].step >= steps

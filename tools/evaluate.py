@@ -66,9 +66,8 @@ def print_summary(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from mks2.data.errors import DataError
+    from mks2.errors import UserError
     from mks2.eval import load_for_eval, run_evaluation, write_report
-    from mks2.training.checkpoint import CheckpointError
 
     try:
         if not (args.mc or args.open or args.retrieval):
@@ -100,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             answer_eos=not args.no_answer_eos,
             force_gates=gates,
         )
-    except (ValueError, FileNotFoundError, CheckpointError, DataError) as exc:
+    except (UserError, ValueError, FileNotFoundError) as exc:  # plain ValueErrors: the model's own input checks
         print(f"error: {exc}", file=sys.stderr)
         return 1
     out = Path(args.output) if args.output else (Path(args.model) / "eval_report.json")

@@ -20,8 +20,9 @@ from mks2.data.chat import Piece
 from mks2.data.errors import BadRecord
 from mks2.data.formats import KIND_HAS_IMAGE, normalize_image_path, parse_payload, record_pieces
 from mks2.data.records import InputFile, RecordProblem, location
-from mks2.data.shards import serialize_shard, sha256_bytes, shard_name, write_atomic
+from mks2.data.shards import serialize_shard, sha256_bytes, shard_name
 from mks2.data.tokenizer import Tokenizer
+from mks2.fileio import atomic_write_bytes
 
 # Bad records listed by name per shard (and in the manifest); the rest are only counted.
 MAX_LISTED_PROBLEMS = 20
@@ -136,7 +137,7 @@ def encode_shard(
 
     data = serialize_shard(lengths, values, mask, images)
     name = shard_name(index)
-    write_atomic(Path(s.output) / name, data)
+    atomic_write_bytes(Path(s.output) / name, data)
     real = values[values >= 0]  # the image placeholder id is negative
     return {
         "index": index,

@@ -1,10 +1,13 @@
-"""Exceptions of the data pipeline. All are ``ValueError`` subclasses: they report user errors
-(bad input files, mismatched tokenizers, corrupted shards), never internal bugs."""
+"""Exceptions of the data pipeline. All are :class:`mks2.errors.UserError` (and ``ValueError``)
+subclasses: they report user errors (bad input files, mismatched tokenizers, corrupted shards),
+never internal bugs."""
 
 from __future__ import annotations
 
+from mks2.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """Base class of user-facing data errors."""
 
 

@@ -36,8 +36,9 @@ from mks2.data.encode import MAX_LISTED_PROBLEMS, EncodeSettings, encode_shard
 from mks2.data.errors import BadRecord, PretokenizeError
 from mks2.data.formats import KINDS, resolve_fields
 from mks2.data.records import iter_records, resolve_inputs
-from mks2.data.shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SHARD_TEMPLATE, shard_name, write_atomic
+from mks2.data.shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SHARD_TEMPLATE, shard_name
 from mks2.data.tokenizer import Tokenizer, file_sha256, load_tokenizer
+from mks2.fileio import atomic_write_bytes
 
 STATE_DIR = ".pretokenize"
 DEFAULT_RECORDS_PER_SHARD = 50_000
@@ -66,11 +67,17 @@ def _worker_run(index: int, records: list[tuple[int, int, Any]]) -> dict[str, An
 # --------------------------------------------------------------------------------------------
 
 
+def _is_temporary(name: str) -> bool:
+    """A temporary file of an interrupted atomic write (``mks2.fileio``: ``.<name>.<random>.tmp``;
+    older runs wrote ``.<name>.tmp-<pid>``)."""
+    return name.startswith(".") and (name.endswith(".tmp") or ".tmp-" in name)
+
+
 def _is_ours(name: str) -> bool:
     return (
         name in (MANIFEST_NAME, STATE_DIR)
         or (name.startswith("shard-") and name.endswith(".arrow"))
-        or (name.startswith(".") and ".tmp-" in name)
+        or _is_temporary(name)
     )
 
 
@@ -140,7 +147,7 @@ def _prepare_output(out: Path, params: dict[str, Any], if_exists: str) -> tuple[
         name = entry.name
         if name.startswith("shard-") and name.endswith(".arrow") and int(name[6:12]) >= k:
             entry.unlink()
-        elif name.startswith(".") and ".tmp-" in name:
+        elif _is_temporary(name):
             entry.unlink()
     for entry in (out / STATE_DIR).iterdir():
         if entry.name.startswith("shard-") and int(entry.name[6:12]) >= k:
@@ -293,7 +300,7 @@ def pretokenize(
     if finished is not None:
         return finished
     (out / STATE_DIR).mkdir(exist_ok=True)
-    write_atomic(out / STATE_DIR / "params.json", json.dumps(params, indent=1).encode())
+    atomic_write_bytes(out / STATE_DIR / "params.json", json.dumps(params, indent=1).encode())
 
     settings = EncodeSettings(
         kind=fmt,
@@ -313,7 +320,7 @@ def pretokenize(
     started = time.perf_counter()
 
     def on_done(stats: dict[str, Any]) -> None:
-        write_atomic(out / STATE_DIR / f"{stats['file']}.json", json.dumps(stats).encode())
+        atomic_write_bytes(out / STATE_DIR / f"{stats['file']}.json", json.dumps(stats).encode())
         done.append(stats)
         bar.update(stats)
 
@@ -359,7 +366,7 @@ def pretokenize(
         "command": list(command) if command is not None else list(sys.argv),
         "seconds": round(elapsed, 3),
     }
-    write_atomic(out / MANIFEST_NAME, (json.dumps(manifest, indent=1) + "\n").encode())
+    atomic_write_bytes(out / MANIFEST_NAME, (json.dumps(manifest, indent=1) + "\n").encode())
     shutil.rmtree(out / STATE_DIR, ignore_errors=True)
     return manifest
 

@@ -43,6 +43,7 @@ from mks2.demo.render import render, save_png
 from mks2.demo.tokenizer import chat_lines, train_tokenizer
 from mks2.demo.vision import pretrain_tower, save_tower
 from mks2.demo.world import COLOURS, OBJECTS, POSITIONS, SHAPES, SIZES, WORLD_SEED
+from mks2.fileio import atomic_write_text
 
 log = logging.getLogger("mks2.demo")
 
@@ -147,12 +148,7 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _rng(sizes: DemoSizes, name: str) -> random.Random:

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mks2.training import checkpoint as ckpt
+from mks2 import checkpoint as ckpt
+from mks2.config import to_dict
 
 
 @dataclass
@@ -65,10 +66,7 @@ def is_training_checkpoint(path: Path) -> bool:
 
 def load_training_checkpoint(save_dir: str | Path, tag: str | None = None) -> tuple[dict[str, Any], nn.Module]:
     """(resolved run config dict, model with every tensor of the checkpoint) of a complete checkpoint."""
-    from mks2.checkpoint import load_consolidated
-    from mks2.config import to_dict
-
-    cfg, model = load_consolidated(Path(save_dir).expanduser(), tag)
+    cfg, model = ckpt.load_consolidated(Path(save_dir).expanduser(), tag)
     return to_dict(cfg), model
 
 

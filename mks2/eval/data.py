@@ -22,9 +22,10 @@ from typing import Any
 
 from mks2.data.chat import BOS, Piece, prompt_pieces
 from mks2.data.encode import encode_pieces
+from mks2.errors import UserError
 
 
-class EvalDataError(ValueError):
+class EvalDataError(UserError, ValueError):
     """An evaluation file is malformed; the message names the file and line."""
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from mks2.eval.checkpoints import EvalModel
 from mks2.eval.data import read_gallery, read_mc, read_open
 from mks2.eval.tasks import evaluate_mc, evaluate_open, evaluate_retrieval
+from mks2.fileio import atomic_write_text
 
 
 def _name(path: str) -> str:
@@ -76,6 +77,4 @@ def run_evaluation(
 
 def write_report(path: str | Path, report: dict[str, Any]) -> None:
     """Write the report as indented JSON through a temporary file + rename."""
-    from mks2.training.checkpoint import atomic_write_text
-
     atomic_write_text(Path(path).expanduser(), json.dumps(report, indent=2) + "\n")

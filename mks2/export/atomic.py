@@ -14,10 +14,12 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from mks2.errors import UserError
+
 _PARTIAL = re.compile(r"^\.(?P<name>.+)\.partial-(?P<pid>\d+)$")
 
 
-class OutputExistsError(FileExistsError):
+class OutputExistsError(UserError, FileExistsError):
     """The output path already holds files and overwriting was not allowed."""
 
 

@@ -22,6 +22,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import mks2
+from mks2.checkpoint import (
+    ModuleSource,
+    TensorSource,
+    TensorSpec,
+    find_checkpoint,
+    load_consolidated,
+    open_consolidated,
+)
 from mks2.config import Precision, RunConfig, Stage, VisionKind
 from mks2.export.atomic import atomic_output_dir, check_output
 from mks2.export.bundle import write_bundle
@@ -43,8 +51,7 @@ from mks2.export.layout import (
     target_tensors,
 )
 from mks2.export.model_card import write_model_card
-from mks2.export.safetensors_stream import ShardedSafetensorsWriter, TensorSpec, parse_size
-from mks2.export.sources import ModuleSource, TensorSource
+from mks2.export.safetensors_stream import ShardedSafetensorsWriter, parse_size
 from mks2.export.verify import DEFAULT_ATOL, VerificationReport, report_dict, verify_export
 
 EXPORT_MANIFEST = "mks2_export.json"
@@ -87,12 +94,12 @@ def write_weights(
     entries = plan_entries(
         source, target_tensors(ecfg), merge_lora=merge_lora, tied=bool(cfg.model.tie_word_embeddings)
     )
-    specs = [TensorSpec(e.name, e.shape, e.dtype) for e in entries]
+    specs = [(e.name, TensorSpec(e.shape, e.dtype)) for e in entries]
     writer = ShardedSafetensorsWriter(out, specs, max_shard_bytes=max_shard_bytes)
     scaling = float(cfg.model.lora.alpha) / float(cfg.model.lora.rank)
     bar = tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="writing weights", disable=not progress)
     try:
-        for entry, spec in zip(entries, specs):
+        for entry, (_, spec) in zip(entries, specs):
             tensor = produce(entry, source, scaling)
             writer.write(entry.name, tensor)
             del tensor
@@ -107,9 +114,9 @@ def write_weights(
         "files": files,
         "num_tensors": len(specs),
         "total_bytes": writer.total_bytes,
-        "largest_tensor_bytes": max((s.nbytes for s in specs), default=0),
+        "largest_tensor_bytes": max((s.nbytes for _, s in specs), default=0),
         "lora_merged_into": sum(e.lora is not None for e in entries),
-        "dtypes": {s.name: str(s.dtype).removeprefix("torch.") for s in specs},
+        "dtypes": {name: str(s.dtype).removeprefix("torch.") for name, s in specs},
     }
     return ecfg, weights
 
@@ -227,8 +234,6 @@ def convert_checkpoint(
     adapters in PEFT's format instead of the full model. Raises before creating anything when the
     checkpoint is incomplete or the output is non-empty (without ``force``).
     """
-    from mks2.checkpoint import find_checkpoint, load_consolidated, open_consolidated
-
     ckpt = find_checkpoint(checkpoint, tag)  # refuses a checkpoint without the completion marker
     cfg = ckpt.config
     precision = precision_of(dtype if dtype is not None else cfg.train.precision)

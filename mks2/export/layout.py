@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
+from mks2.checkpoint import TensorSource, TensorSpec, build_empty_model, tensor_specs
 from mks2.config import Precision, RunConfig, Stage, VisionKind
-from mks2.export.sources import TensorMeta, TensorSource
+from mks2.errors import UserError
 from mks2.model.decoder import torch_dtype
 
 
@@ -33,7 +34,7 @@ class ExportFormat(str, enum.Enum):
     MKS2 = "mks2"
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """The requested export is impossible for this model (the message says why and what to use)."""
 
 
@@ -80,7 +81,7 @@ class ExportEntry:
 
 
 def plan_entries(
-    source: TensorSource, target: dict[str, TensorMeta], *, merge_lora: bool, tied: bool
+    source: TensorSource, target: dict[str, TensorSpec], *, merge_lora: bool, tied: bool
 ) -> list[ExportEntry]:
     """Entries for every target tensor, in the source's read order. Raises ExportError when the
     source lacks a target tensor or holds tensors the export would silently drop."""
@@ -133,11 +134,9 @@ def produce(entry: ExportEntry, source: TensorSource, lora_scaling: float) -> to
     return tensor.to(entry.dtype)
 
 
-def target_tensors(export_cfg: RunConfig) -> dict[str, TensorMeta]:
+def target_tensors(export_cfg: RunConfig) -> dict[str, TensorSpec]:
     """Names, shapes and dtypes of the exported model (built on the meta device: no memory)."""
-    from mks2.checkpoint import build_empty_model, expected_tensors
-
-    return expected_tensors(build_empty_model(export_cfg, device="meta"))
+    return tensor_specs(build_empty_model(export_cfg, device="meta"))
 
 
 def precision_of(dtype: str | torch.dtype | Precision) -> Precision:

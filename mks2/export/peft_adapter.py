@@ -23,10 +23,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from mks2.checkpoint.tensors import TensorSource, TensorSpec
 from mks2.config import Precision, RunConfig, Stage, VisionKind
 from mks2.export.layout import ExportError
-from mks2.export.safetensors_stream import ShardedSafetensorsWriter, TensorSpec
-from mks2.export.sources import TensorSource
+from mks2.export.safetensors_stream import ShardedSafetensorsWriter
 from mks2.model.dtypes import torch_dtype
 
 ADAPTER_PREFIX = "base_model.model."
@@ -72,15 +72,16 @@ def write_peft_adapter(
     for module in modules:
         for part in ("lora_A", "lora_B"):
             specs.append(
-                TensorSpec(f"{ADAPTER_PREFIX}{module}.{part}.weight", source.meta[f"{module}.{part}"].shape, tdtype)
+                (f"{ADAPTER_PREFIX}{module}.{part}.weight", TensorSpec(source.meta[f"{module}.{part}"].shape, tdtype))
             )
             reads.append(f"{module}.{part}")
     for name in extras:
-        specs.append(TensorSpec(ADAPTER_PREFIX + name, source.meta[name].shape, tdtype))
+        specs.append((ADAPTER_PREFIX + name, TensorSpec(source.meta[name].shape, tdtype)))
         reads.append(name)
     writer = ShardedSafetensorsWriter(out, specs, max_shard_bytes=2**62, prefix="adapter_model")
-    for spec, name in tqdm(list(zip(specs, reads)), desc="writing adapters", unit="tensor", disable=not progress):
-        writer.write(spec.name, source.get(name).to(tdtype))
+    bar = tqdm(list(zip(specs, reads)), desc="writing adapters", unit="tensor", disable=not progress)
+    for (written, _), read in bar:
+        writer.write(written, source.get(read).to(tdtype))
     files = writer.close()
 
     llama_only = not extras and not any(".mvm." in module for module in modules)

@@ -14,11 +14,12 @@ import json
 import re
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
+
+from mks2.checkpoint.tensors import TensorSpec
 
 DTYPE_CODES = {
     torch.float32: "F32",
@@ -51,40 +52,28 @@ def parse_size(text: str | int) -> int:
     return int(value)
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """Name, shape and dtype of one tensor to write."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        numel = 1
-        for d in self.shape:
-            numel *= d
-        return numel * torch.empty((), dtype=self.dtype).element_size()
+NamedSpec = tuple[str, TensorSpec]
+"""One tensor to write: its name in the file and its shape/dtype."""
 
 
-def plan_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+def plan_shards(specs: Sequence[NamedSpec], max_shard_bytes: int) -> list[list[NamedSpec]]:
     """Split tensors, in order, into shards of at most ``max_shard_bytes`` (a larger tensor gets its own)."""
-    shards: list[list[TensorSpec]] = []
+    shards: list[list[NamedSpec]] = []
     size = 0
-    for spec in specs:
+    for name, spec in specs:
         if not shards or (size + spec.nbytes > max_shard_bytes and shards[-1]):
             shards.append([])
             size = 0
-        shards[-1].append(spec)
+        shards[-1].append((name, spec))
         size += spec.nbytes
     return shards
 
 
-def _header(specs: Sequence[TensorSpec], metadata: dict[str, str]) -> bytes:
+def _header(specs: Sequence[NamedSpec], metadata: dict[str, str]) -> bytes:
     entries: dict[str, object] = {"__metadata__": metadata}
     offset = 0
-    for spec in specs:
-        entries[spec.name] = {
+    for name, spec in specs:
+        entries[name] = {
             "dtype": DTYPE_CODES[spec.dtype],
             "shape": list(spec.shape),
             "data_offsets": [offset, offset + spec.nbytes],
@@ -96,17 +85,17 @@ def _header(specs: Sequence[TensorSpec], metadata: dict[str, str]) -> bytes:
 
 
 class ShardedSafetensorsWriter:
-    """Write ``specs`` (in this order) into ``directory`` as safetensors shards + index.
+    """Write ``specs`` ((name, TensorSpec) pairs, in this order) into ``directory`` as safetensors shards + index.
 
     Call :meth:`write` once per tensor in plan order, then :meth:`close`. A wrong name, shape or dtype
     raises before anything of that tensor is written.
     """
 
-    def __init__(self, directory: Path, specs: Sequence[TensorSpec], *, max_shard_bytes: int, prefix: str = "model"):
-        dtypes = {s.dtype for s in specs} - set(DTYPE_CODES)
+    def __init__(self, directory: Path, specs: Sequence[NamedSpec], *, max_shard_bytes: int, prefix: str = "model"):
+        dtypes = {s.dtype for _, s in specs} - set(DTYPE_CODES)
         if dtypes:
             raise ValueError(f"cannot write tensors of dtype {sorted(map(str, dtypes))} to safetensors")
-        names = [s.name for s in specs]
+        names = [n for n, _ in specs]
         if len(set(names)) != len(names):
             raise ValueError("duplicate tensor names in the export plan")
         self.directory = Path(directory)
@@ -116,16 +105,16 @@ class ShardedSafetensorsWriter:
         self.files = (
             [f"{prefix}.safetensors"] if n == 1 else [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         )
-        self._order = [(i, spec) for i, shard in enumerate(self.shards) for spec in shard]
+        self._order = [(i, name, spec) for i, shard in enumerate(self.shards) for name, spec in shard]
         self._next = 0
         self._file: BinaryIO | None = None
         self._file_index = -1
-        self.total_bytes = sum(s.nbytes for s in specs)
+        self.total_bytes = sum(s.nbytes for _, s in specs)
 
     @property
-    def expected(self) -> TensorSpec | None:
+    def expected(self) -> NamedSpec | None:
         """The next tensor to write (None when all are written)."""
-        return self._order[self._next][1] if self._next < len(self._order) else None
+        return self._order[self._next][1:] if self._next < len(self._order) else None
 
     def _open(self, index: int) -> None:
         if self._file is not None:
@@ -137,11 +126,11 @@ class ShardedSafetensorsWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self._next >= len(self._order):
             raise ValueError(f"tensor {name}: every planned tensor was already written")
-        index, spec = self._order[self._next]
-        if name != spec.name or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+        index, planned, spec = self._order[self._next]
+        if name != planned or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
             raise ValueError(
                 f"tensor {name} {tuple(tensor.shape)} {tensor.dtype} does not match the plan's next tensor "
-                f"{spec.name} {spec.shape} {spec.dtype}"
+                f"{planned} {spec.shape} {spec.dtype}"
             )
         if index != self._file_index:
             self._open(index)
@@ -154,7 +143,7 @@ class ShardedSafetensorsWriter:
     def close(self) -> list[str]:
         """Finish the last shard and write the index (sharded case). Returns the files written."""
         if self._next != len(self._order):
-            missing = [s.name for _, s in self._order[self._next :]]
+            missing = [name for _, name, _ in self._order[self._next :]]
             raise ValueError(f"{len(missing)} planned tensor(s) were never written (first: {missing[0]})")
         if self._file is None and self.shards:  # an all-empty plan still gets its (empty) file
             self._open(0)
@@ -163,7 +152,7 @@ class ShardedSafetensorsWriter:
             self._file = None
         written = list(self.files)
         if len(self.files) > 1:
-            weight_map = {spec.name: self.files[i] for i, spec in self._order}
+            weight_map = {name: self.files[i] for i, name, _ in self._order}
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             name = f"{self.prefix}.safetensors.index.json"
             (self.directory / name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

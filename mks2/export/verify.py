@@ -30,12 +30,13 @@ import torch
 from torch import nn
 
 from mks2.config import Precision, RunConfig, VisionKind
+from mks2.errors import UserError
 from mks2.model.dtypes import torch_dtype
 
 DEFAULT_ATOL = 1e-4
 
 
-class VerificationError(RuntimeError):
+class VerificationError(UserError, RuntimeError):
     """The exported model does not reproduce ours (message gives the differences)."""
 
 

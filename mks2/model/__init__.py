@@ -8,13 +8,13 @@ See ``mks2.model.modeling`` for the module tree and the pipeline split.
 """
 
 from mks2.model.build import apply_trainable_split, build_model, init_mvm_from_mlp, is_trainable
-from mks2.model.hf_loading import CheckpointError, apply_config_from_hf, load_hf_llama
+from mks2.model.hf_loading import HFCheckpointError, apply_config_from_hf, load_hf_llama
 from mks2.model.lora import merge_lora
 from mks2.model.modeling import MKS2ForCausalLM, MKS2Output, causal_lm_loss, embed_inputs, prepare_positions
 from mks2.model.summary import parameter_summary
 
 __all__ = [
-    "CheckpointError",
+    "HFCheckpointError",
     "MKS2ForCausalLM",
     "MKS2Output",
     "apply_config_from_hf",

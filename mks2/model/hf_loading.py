@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from mks2.config.errors import ConfigError
 from mks2.config.schema import RunConfig, validate
+from mks2.errors import UserError
 from mks2.model.rope import normalize_rope_scaling
 
 WeightGather = Callable[[list[nn.Parameter]], contextlib.AbstractContextManager]
@@ -45,8 +46,10 @@ _NON_LLAMA = (".mvm.", ".router.", "lora_A", "lora_B")
 _NON_LLAMA_PREFIXES = ("vision.", "retrieval.")
 
 
-class CheckpointError(ValueError):
-    """An HF checkpoint does not match the model (message names tensors and files)."""
+class HFCheckpointError(UserError, ValueError):
+    """A Hugging Face model directory (``model.init_from``) cannot be read into the model (message names
+    tensors and files). Not ``mks2.checkpoint.CheckpointError``: that one is about the trainer's own
+    checkpoints, in a package above the model."""
 
 
 def _gather(weight_gather: WeightGather | None, params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
@@ -149,17 +152,17 @@ def checkpoint_index(path: str | Path) -> dict[str, Path]:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise CheckpointError(f"{index}: not a valid shard index ({exc})") from exc
+                raise HFCheckpointError(f"{index}: not a valid shard index ({exc})") from exc
             out = {key: path / name for key, name in weight_map.items()}
             absent = sorted({str(f) for f in out.values() if not f.is_file()})
             if absent:
-                raise CheckpointError(f"{index}: lists shard file(s) that do not exist: {', '.join(absent)}")
+                raise HFCheckpointError(f"{index}: lists shard file(s) that do not exist: {', '.join(absent)}")
             return out
     for single in (SAFETENSORS_SINGLE, BIN_SINGLE):
         file = path / single
         if file.is_file():
             return {key: file for key in _file_keys(file)}
-    raise CheckpointError(
+    raise HFCheckpointError(
         f"{path}: no weights found (expected {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, {BIN_SINGLE} or {BIN_INDEX})"
     )
 
@@ -213,7 +216,7 @@ def load_hf_llama(
 ) -> list[str]:
     """Copy the weights of the HF Llama checkpoint at ``path`` into ``model`` (an ``MKS2ForCausalLM``).
 
-    Returns the loaded parameter names. Raises CheckpointError naming every missing, unexpected or
+    Returns the loaded parameter names. Raises HFCheckpointError naming every missing, unexpected or
     mis-shaped tensor (with its file); missing/unexpected keys are detected before any copy.
     """
     path = Path(path).expanduser()
@@ -235,7 +238,7 @@ def load_hf_llama(
             lines.append(f"missing {len(missing)} tensor(s): {_shorten(missing)}")
         if unexpected:
             lines.append(f"unexpected {len(unexpected)} tensor(s): {_shorten(unexpected)}")
-        raise CheckpointError(f"{path} does not match the model:\n" + "\n".join(f"  - {x}" for x in lines))
+        raise HFCheckpointError(f"{path} does not match the model:\n" + "\n".join(f"  - {x}" for x in lines))
 
     by_file: dict[Path, list[str]] = {}
     for key in params:
@@ -247,7 +250,7 @@ def load_hf_llama(
             param = params[key]
             with _gather(weight_gather, [param]), torch.no_grad():
                 if tuple(param.shape) != tuple(tensor.shape):
-                    raise CheckpointError(
+                    raise HFCheckpointError(
                         f"{file}: tensor {key} has shape {tuple(tensor.shape)} but the model expects "
                         f"{tuple(param.shape)} (does config.json match the weights?)"
                     )

@@ -6,20 +6,12 @@ import logging
 import os
 import sys
 
-from mks2.config import ConfigError
-from mks2.training.checkpoint import CheckpointError
-from mks2.training.faults import TrainingAborted
+from mks2.errors import UserError
 
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from mks2.data.errors import DataError
-    from mks2.model.hf_loading import CheckpointError as HFCheckpointError
-
-    return (ConfigError, CheckpointError, TrainingAborted, DataError, HFCheckpointError)
-
-
-USER_ERRORS = _user_errors()
-"""Exceptions that mean "fix your config / data / checkpoint", reported without a traceback."""
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError,)
+"""Exceptions that mean "fix your config / data / checkpoint", reported without a traceback: the one
+base class every area's user error derives from (``ConfigError``, ``DataError``, ``CheckpointError``,
+``HFCheckpointError``, ``TrainingAborted``, ...)."""
 
 
 def env_rank() -> int:

@@ -26,6 +26,8 @@ from types import FrameType
 
 import torch
 
+from mks2.errors import UserError
+
 _current_step = 0  # 1-based number of the optimizer step being computed
 _rank = 0
 
@@ -93,5 +95,5 @@ class PreemptionFlag:
         self._previous.clear()
 
 
-class TrainingAborted(RuntimeError):
+class TrainingAborted(UserError, RuntimeError):
     """The run stopped on purpose (too many consecutive non-finite steps); the message says why."""

@@ -32,8 +32,8 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from mks2.checkpoint import CheckpointError, find, open_consolidated, read_meta
 from mks2.config import RunConfig, Stage, VisionKind
-from mks2.training import checkpoint as ckpt
 
 log = logging.getLogger("mks2.training")
 
@@ -60,6 +60,7 @@ ARCHITECTURE_KEYS = (
 VISION_KEYS = ("kind", "path", "image_token_id", "image_size", "feature_layer")
 """``model.vision.*`` keys taken from the stage-1 run unless stage 2 is text-only (``vision.kind=none``)."""
 
+
 @dataclass(frozen=True)
 class Stage1Source:
     """A complete stage-1 checkpoint: ``save_dir``/``tag``, the run's resolved config and trainer state."""
@@ -81,30 +82,15 @@ class Stage1Source:
 def locate_stage1(path: str | Path) -> Stage1Source:
     """``model.init_from_stage1`` -> the checkpoint to read: a stage-1 ``train.save_dir`` (its newest complete
     checkpoint) or one ``step_XXXXXXXX`` directory in it. Raises CheckpointError saying what is wrong."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise ckpt.CheckpointError(f"model.init_from_stage1: {p} does not exist")
-    if ckpt.TAG_RE.match(p.name) and p.is_dir():
-        if not (p / ckpt.MARKER).is_file():
-            raise ckpt.CheckpointError(
-                f"model.init_from_stage1: {p} is incomplete (no {ckpt.MARKER} marker: its save was interrupted)"
-            )
-        save_dir, tag = p.parent, p.name
-    else:
-        try:
-            found = ckpt.find_resume(p, "require")
-        except ckpt.CheckpointError as exc:
-            raise ckpt.CheckpointError(f"model.init_from_stage1: {exc}") from exc
-        assert found is not None
-        save_dir, tag = p, found.tag
-    trainer, config = ckpt.read_meta(save_dir / tag)
+    found = find(path, key="model.init_from_stage1")
+    trainer, config = read_meta(found.path)
     stage = trainer.get("run", {}).get("stage") or config.get("model", {}).get("stage")
     if stage != Stage.MVM.value:
-        raise ckpt.CheckpointError(
-            f"model.init_from_stage1: {save_dir / tag} was written by a stage {stage!r} run; stage 2 continues "
+        raise CheckpointError(
+            f"model.init_from_stage1: {found.path} was written by a stage {stage!r} run; stage 2 continues "
             f"from a stage-1 ('{Stage.MVM.value}') checkpoint"
         )
-    return Stage1Source(save_dir=save_dir, tag=tag, config=config, trainer=trainer)
+    return Stage1Source(save_dir=found.path.parent, tag=found.tag, config=config, trainer=trainer)
 
 
 _ABSENT = object()
@@ -157,7 +143,7 @@ def adopt_stage1_config(cfg: RunConfig, source: Stage1Source) -> list[str]:
         adopt(key)
     if VisionKind(m.vision.kind) != VisionKind.NONE:
         if _get(saved, "vision.kind") in (_ABSENT, None, VisionKind.NONE.value):
-            raise ckpt.CheckpointError(
+            raise CheckpointError(
                 f"model.vision.kind={VisionKind(m.vision.kind).value} but the stage-1 run {source.path} had no "
                 "vision front-end"
             )
@@ -217,8 +203,6 @@ def _outside_zero_init():
 def open_stage1(source: Stage1Source) -> Any:
     """The stage-1 checkpoint opened for tensor-by-tensor reading under our parameter names
     (``mks2.checkpoint.open_consolidated``: either parallel mode's files). Close it when done."""
-    from mks2.checkpoint import open_consolidated
-
     with _outside_zero_init():  # it builds a shape-only model to check names against
         return open_consolidated(source.save_dir, tag=source.tag)
 
@@ -261,14 +245,14 @@ def load_stage1_weights(
                 if wrong:
                     parts.append(f"shape mismatch (checkpoint vs model) for {', '.join(wrong[:5])}")
                 problem[0] = f"stage-1 checkpoint {source.path} does not fit this stage-2 model: " + "; ".join(parts)
-        except (OSError, ValueError, RuntimeError, KeyError) as exc:  # mks2.checkpoint's errors are ValueErrors
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:  # CheckpointError is a ValueError
             problem[0] = f"cannot read stage-1 checkpoint {source.path}: {exc}"
     if world > 1:
         dist.broadcast_object_list(problem, src=0)  # every rank raises together, before any gather
     if problem[0] is not None:
         if stored is not None:
             stored.close()
-        raise ckpt.CheckpointError(problem[0])
+        raise CheckpointError(problem[0])
 
     try:
         # One tensor at a time (rank 0 never holds more than one stage-1 tensor): under ZeRO-3 inside

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from mks2 import checkpoint as ckpt
 from mks2.config import ConfigError, ParallelMode, RunConfig, to_dict
-from mks2.training import checkpoint as ckpt
 from mks2.training import distributed, faults
 from mks2.training.batch import check_world_size
 from mks2.training.engine import TrainingEngine, build_engine

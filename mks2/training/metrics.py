@@ -11,7 +11,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from mks2.training.checkpoint import atomic_write_text
+from mks2.fileio import atomic_write_text
 
 # Dense peak TFLOP/s per device by (name fragment, precision); fp32 uses TF32 tensor cores.
 _PEAK_TFLOPS = {

@@ -9,8 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mks2.checkpoint import CheckpointError, find_checkpoint, load_consolidated, open_consolidated
-from mks2.training.checkpoint import MARKER
+from mks2.checkpoint import MARKER, CheckpointError, find_checkpoint, load_consolidated, open_consolidated
 from tests.export.export_helpers import python, run_launcher
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mks2.config import ConfigError
-from mks2.model import CheckpointError, apply_config_from_hf, build_model, load_hf_llama
+from mks2.model import HFCheckpointError, apply_config_from_hf, build_model, load_hf_llama
 from mks2.model.modeling import MKS2ForCausalLM
 from tests.fixtures import make_tiny_clip
 from tests.model.model_helpers import build, random_ids, run_config, tiny_llama
@@ -79,7 +79,7 @@ def test_architecture_revalidated_after_reading_checkpoint(llama):
 def test_missing_tensor_is_named(llama):
     d, _ = llama
     edit_weights(d, lambda s: s.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(CheckpointError, match=r"missing 1 tensor\(s\): model.layers.1.mlp.up_proj.weight") as err:
+    with pytest.raises(HFCheckpointError, match=r"missing 1 tensor\(s\): model.layers.1.mlp.up_proj.weight") as err:
         build(d, "model.stage=base")
     assert str(d) in str(err.value)
 
@@ -88,7 +88,7 @@ def test_unexpected_tensor_is_named_with_its_file(llama):
     d, _ = llama
     edit_weights(d, lambda s: s.update({"model.layers.0.mlp.extra.weight": torch.zeros(2)}))
     with pytest.raises(
-        CheckpointError, match=r"unexpected 1 tensor\(s\): model.layers.0.mlp.extra.weight \(in model.safetensors\)"
+        HFCheckpointError, match=r"unexpected 1 tensor\(s\): model.layers.0.mlp.extra.weight \(in model.safetensors\)"
     ):  # noqa: E501
         build(d, "model.stage=base")
 
@@ -105,7 +105,7 @@ def test_old_rotary_buffers_are_ignored(llama):
 def test_misshaped_tensor_is_named_with_its_file(llama):
     d, _ = llama
     edit_weights(d, lambda s: s.update({"model.layers.0.self_attn.k_proj.weight": torch.zeros(8, 32)}))
-    with pytest.raises(CheckpointError) as err:
+    with pytest.raises(HFCheckpointError) as err:
         build(d, "model.stage=base")
     msg = str(err.value)
     assert "model.layers.0.self_attn.k_proj.weight" in msg and "(8, 32)" in msg and "(16, 32)" in msg
@@ -117,12 +117,12 @@ def test_broken_index_and_empty_directory(tmp_path, llama):
     sharded = tmp_path / "sharded"
     hf.save_pretrained(sharded, max_shard_size="20KB")
     next(iter(sorted(sharded.glob("model-0000*.safetensors")))).unlink()
-    with pytest.raises(CheckpointError, match="lists shard file.* that do not exist"):
+    with pytest.raises(HFCheckpointError, match="lists shard file.* that do not exist"):
         build(sharded, "model.stage=base")
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "config.json").write_text((d / "config.json").read_text())
-    with pytest.raises(CheckpointError, match="no weights found"):
+    with pytest.raises(HFCheckpointError, match="no weights found"):
         build(empty, "model.stage=base")
 
 

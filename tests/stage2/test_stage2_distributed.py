@@ -21,10 +21,10 @@ COMPARED = ("step", "loss", "answer_tokens", "images", "lr", "grad_norm")
 def _replay_images(save_dir, steps: int) -> list[tuple[int, int]]:
     """Images per micro-batch of rank 0 and rank 1 for the first ``steps`` optimizer steps, by replaying the
     deterministic loaders with the run's saved config."""
+    from mks2.checkpoint import read_meta
     from mks2.config import config_from_dict
     from mks2.data import build_dataloader
     from mks2.model.vision import load_image_processor, vision_prefix_length
-    from mks2.training.checkpoint import read_meta
 
     _, saved = read_meta(sorted(save_dir.glob("step_*"))[0])
     cfg = config_from_dict(saved)

@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mks2 import checkpoint as ckpt
 from mks2.config import ConfigError, SFTData, load_config
 from mks2.demo import resolve
 from mks2.model.decoder import DecoderLayer
-from mks2.training import checkpoint as ckpt
 from mks2.training.ablations import ABLATIONS, ablation_overrides, check_ablation
 from mks2.training.from_stage1 import adopt_stage1_config, locate_stage1, wanted_from_stage1
 from mks2.training.stage2 import SFTObjective, Stage2Task, select_sft_datasets, vision_features

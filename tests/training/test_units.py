@@ -1,18 +1,15 @@
-"""Single-process unit tests of the training helpers: schedule, DeepSpeed config filling, checkpoint
-discovery/retention/RNG state, config-compatibility messages, fault hooks."""
+"""Single-process unit tests of the training helpers: schedule, DeepSpeed config filling, fault hooks
+(checkpoint discovery/retention/RNG state: tests/checkpoint)."""
 
 from __future__ import annotations
 
 import json
 import math
-import random
 
-import numpy as np
 import pytest
 import torch
 
-from mks2.config import ConfigError, load_config, to_dict
-from mks2.training import checkpoint as ckpt
+from mks2.config import ConfigError, load_config
 from mks2.training import faults
 from mks2.training.ds_config import build_ds_config
 from mks2.training.schedule import build_scheduler, lr_at
@@ -98,73 +95,6 @@ def test_ds_config_pipeline_template_and_bad_json(tmp_path):
     cfg = load_config(None, [f"parallel.ds_config={bad}"])
     with pytest.raises(ConfigError, match=r"bad.json: invalid JSON at line 2"):
         build_ds_config(cfg, data_parallel_size=1, use_torch_adam=True)
-
-
-def _fake_ckpt(root, step, complete=True):
-    d = root / ckpt.tag_for(step)
-    (d / "mks2").mkdir(parents=True)
-    (d / "weights.bin").write_text("x")
-    if complete:
-        ckpt.mark_complete(root, d)
-    return d
-
-
-def test_find_resume_ignores_incomplete_and_explains(tmp_path):
-    assert ckpt.find_resume(tmp_path, "auto") is None
-    with pytest.raises(ckpt.CheckpointError, match="train.resume=require but .* holds no complete checkpoint"):
-        ckpt.find_resume(tmp_path, "require")
-    _fake_ckpt(tmp_path, 5)
-    _fake_ckpt(tmp_path, 10)
-    _fake_ckpt(tmp_path, 15, complete=False)
-    assert ckpt.find_resume(tmp_path, "auto").step == 10
-    assert ckpt.find_resume(tmp_path, "require").tag == "step_00000010"
-    assert ckpt.find_resume(tmp_path, "5").step == 5
-    assert ckpt.find_resume(tmp_path, "none") is None
-    with pytest.raises(ckpt.CheckpointError, match="is incomplete"):
-        ckpt.find_resume(tmp_path, "step_00000015")
-    with pytest.raises(
-        ckpt.CheckpointError, match="no checkpoint step_00000020 .*complete ones: step_00000005, step_00000010"
-    ):
-        ckpt.find_resume(tmp_path, "20")
-
-
-def test_prune_keeps_last_k_and_drops_stale_partials(tmp_path):
-    for s in (5, 10, 15):
-        _fake_ckpt(tmp_path, s)
-    _fake_ckpt(tmp_path, 12, complete=False)  # interrupted save older than the newest complete one
-    _fake_ckpt(tmp_path, 20, complete=False)  # maybe being written: kept
-    deleted = ckpt.prune(tmp_path, keep_last=2)
-    assert sorted(deleted) == ["step_00000005", "step_00000012"]
-    names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["latest", "step_00000010", "step_00000015", "step_00000020"]
-    assert (tmp_path / "latest").read_text() == "step_00000015"
-
-
-def test_rng_state_round_trip_restores_every_generator(tmp_path):
-    random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    np.random.randn()  # leaves a cached gaussian in numpy's state
-    ckpt.save_rank_state(tmp_path, 0, {"consumed": 7})
-    expected = (random.random(), np.random.rand(), np.random.randn(), torch.rand(3))
-    random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    state = ckpt.load_rank_state(tmp_path, 0)  # weights_only load
-    ckpt.set_rng_state(state["rng"])
-    assert state["loader"] == {"consumed": 7}
-    got = (random.random(), np.random.rand(), np.random.randn(), torch.rand(3))
-    assert got[:3] == expected[:3] and torch.equal(got[3], expected[3])
-    with pytest.raises(ckpt.CheckpointError, match="rank_00001.pt is missing"):
-        ckpt.load_rank_state(tmp_path, 1)
-
-
-def test_shape_changes_name_the_keys():
-    a = to_dict(load_config(None, []))
-    b = to_dict(load_config(None, ["model.hidden_size=128", "model.mvm.placement=parallel", "train.lr=0.1"]))
-    changes = ckpt.shape_changes(a, b)
-    assert any(c.startswith("model.hidden_size: checkpoint 64, now 128") for c in changes)
-    assert any(c.startswith("model.mvm.placement") for c in changes)
-    assert not any("train.lr" in c for c in changes)  # not a shape key
-    c = to_dict(load_config(None, ["model.num_kv_heads=null", "model.num_heads=4"]))
-    d = to_dict(load_config(None, ["model.num_kv_heads=4"]))
-    assert ckpt.shape_changes(c, d) == []  # None means num_heads
 
 
 def test_poison_makes_every_upstream_gradient_nan():
