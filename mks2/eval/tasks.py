@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from mks2.eval.checkpoints import EvalModel
 from mks2.eval.data import MCItem, OpenItem, answer_ids, prompt_ids
+from mks2.model.retrieval import recall_at_k as retrieval_recall
 
 
 def _pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,11 +170,9 @@ def evaluate_open(
 
 
 def recall_at_k(text: torch.Tensor, image: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """text, image [N, E] L2-normalised, row i of each belongs together -> text-to-image recall@K.
-    An image scoring exactly as high as the true one counts against it (ties are misses)."""
-    sims = text.float() @ image.float().t()  # [N, N]
-    rank = (sims >= sims.diag()[:, None]).sum(dim=1) - 1  # other images scoring at least as high
-    return {f"recall@{k}": (rank < k).float().mean().item() for k in ks}
+    """text, image [N, E] L2-normalised, row i of each belongs together -> {"recall@K": ...}, through
+    the one definition (``mks2.model.retrieval.recall_at_k``: ties are misses)."""
+    return {f"recall@{k}": value for k, value in retrieval_recall(text, image, ks).items()}
 
 
 @torch.no_grad()

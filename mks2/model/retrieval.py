@@ -3,12 +3,14 @@
 The caption runs through the LLM without the image prefix; its last-layer state at the final EOS
 token goes through ``proj`` into the vision embedding size and is L2-normalised. The image side is
 the frozen vision encoder's pooled output, L2-normalised. Logits are ``scale() * text @ image.T``
-(symmetric InfoNCE, CLIP style); the loss itself lives in ``mks2.training``.
+(symmetric InfoNCE, CLIP style); the loss itself lives in ``mks2.training``. ``recall_at_k`` is the
+retrieval metric over such embeddings.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -58,3 +60,15 @@ class RetrievalHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f"max_scale={self.max_scale}"
+
+
+def recall_at_k(text: torch.Tensor, image: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
+    """The one text-to-image recall@K (training's held-out evaluation and ``mks2.eval`` both use it).
+
+    text, image [N, E] L2-normalised, row i of each belongs together -> {K: fraction of captions whose
+    own image ranks in the top K of the whole gallery}. An image scoring exactly as high as the true one
+    counts against it: ties are misses (the honest, pessimistic rank), so a collapsed model that gives
+    every image the same score gets 0, not a perfect recall."""
+    sims = text.float() @ image.float().t()  # [N, N]
+    rank = (sims >= sims.diag()[:, None]).sum(dim=1) - 1  # [N] other images scoring at least as high
+    return {k: (rank < k).float().mean().item() for k in ks}

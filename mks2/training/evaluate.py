@@ -2,8 +2,8 @@
 
 The gallery is every sample of ``data.eval_datasets`` (the demo: 100 held-out scenes). Each caption
 (text only, no image) is encoded by the LLM + retrieval projection exactly as in training; each image
-by the frozen vision encoder's pooled output; a caption is a hit when its own image is the most
-similar one in the whole gallery (top-1; chance = 1 / gallery size).
+by the frozen vision encoder's pooled output; a caption is a hit when its own image is more similar
+than every other image of the whole gallery (top-1; a tie is a miss; chance = 1 / gallery size).
 
 The batches go through the same stage-1 step as training with ``task.collect`` set, so the loss
 code path collects the embeddings instead of computing a loss: in zero3 mode through the engine's
@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from mks2.config import ParallelMode, Stage
+from mks2.model.retrieval import recall_at_k
 
 
 def eval_loader(trainer: Any) -> Any:
@@ -40,13 +41,13 @@ def eval_loader(trainer: Any) -> Any:
 
 
 def retrieval_metrics(text: torch.Tensor, image: torch.Tensor) -> dict[str, float]:
-    """text, image [N, E] L2-normalised, row i of each belongs together -> recall@1/@5 of text->image."""
-    sims = text @ image.t()  # [N, N]
-    ranks = (sims > sims.diag()[:, None]).sum(dim=1)  # images scoring strictly above the true one
+    """text, image [N, E] L2-normalised, row i of each belongs together -> recall@1/@5 of text->image
+    (``mks2.model.retrieval.recall_at_k``, the definition ``mks2.eval`` reports too: ties are misses)."""
+    recall = recall_at_k(text, image, ks=(1, 5))
     n = text.shape[0]
     return {
-        "eval_retrieval_top1": (ranks < 1).float().mean().item(),
-        "eval_retrieval_top5": (ranks < 5).float().mean().item(),
+        "eval_retrieval_top1": recall[1],
+        "eval_retrieval_top5": recall[5],
         "eval_gallery": float(n),
         "eval_chance_top1": 1.0 / n,
     }
