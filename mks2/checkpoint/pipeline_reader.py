@@ -1,16 +1,12 @@
 """Read a DeepSpeed pipeline checkpoint: one ``layer_XX-model_states.pt`` file per LayerSpec.
 
 DeepSpeed's ``PipelineModule`` saves each layer's ``state_dict`` under its global layer index. The
-trainer's pipeline (``mks2.training``) is, for a model of L decoder layers::
-
-    index 0        embedding stage   embed_tokens.*, vision.*            -> model.embed_tokens.*, vision.*
-    index 1..L     decoder layer i   layer.*                             -> model.layers.{i-1}.*
-    index L+1      head stage        norm.*, lm_head.*, retrieval.*      -> model.norm.*, lm_head.*, retrieval.*
-
-so every key maps to our parameter name by its layer index. Layer files hold every parameter of
-their layer, frozen ones included, in the dtype the pipeline computed in (the fp32 master copies of a
-bf16 run live in the optimizer files and are not used). Files are loaded with
-``torch.load(mmap=True, weights_only=True)``, one file at a time.
+trainer's pipeline layers and their key map have one description, ``mks2.model.pipeline_layout``
+(embedding = file 0, decoder layer i = file i + 1, head = file L + 1), the same table the training
+LayerSpecs are built from, so every key maps to our parameter name by its layer index. Layer files
+hold every parameter of their layer, frozen ones included, in the dtype the pipeline computed in
+(the fp32 master copies of a bf16 run live in the optimizer files and are not used). Files are
+loaded with ``torch.load(mmap=True, weights_only=True)``, one file at a time.
 """
 
 from __future__ import annotations
@@ -22,11 +18,9 @@ import torch
 
 from mks2.checkpoint.errors import PipelineLayoutError
 from mks2.checkpoint.tensors import DEFAULT_REFRESH_BYTES, TensorSource, TensorSpec
+from mks2.model.pipeline_layout import PipelineLayout
 
 LAYER_FILE = re.compile(r"^layer_(\d+)-(.*)model_states\.pt$")
-
-EMBED_RULES = {"embed_tokens.": "model.embed_tokens.", "vision.": "vision."}
-HEAD_RULES = {"norm.": "model.norm.", "lm_head.": "lm_head.", "retrieval.": "retrieval."}
 
 
 def _load(file: Path) -> dict[str, torch.Tensor]:
@@ -36,22 +30,19 @@ def _load(file: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def map_layer_key(index: int, key: str, num_layers: int, file: Path) -> str:
-    """Our parameter name of ``key`` in layer file ``index`` (see module docstring)."""
-    if 1 <= index <= num_layers:
-        rules = {"layer.": f"model.layers.{index - 1}."}
-    elif index == 0:
-        rules = EMBED_RULES
-    elif index == num_layers + 1:
-        rules = HEAD_RULES
-    else:
-        raise PipelineLayoutError(f"{file}: layer index {index} is outside 0..{num_layers + 1} for {num_layers} layers")
-    for prefix, target in rules.items():
-        if key.startswith(prefix):
-            return target + key[len(prefix) :]
-    raise PipelineLayoutError(
-        f"{file}: unexpected key {key!r} for pipeline layer {index} (expected keys starting with {', '.join(rules)})"
-    )
+def map_layer_key(layout: PipelineLayout, index: int, key: str, file: Path) -> str:
+    """Our parameter name of ``key`` in layer file ``index`` (the layout's key map)."""
+    if not 0 <= index < len(layout):
+        n = layout.num_layers
+        raise PipelineLayoutError(f"{file}: layer index {index} is outside 0..{n + 1} for {n} layers")
+    layer = layout.layer(index)
+    name = layer.model_key(key)
+    if name is None:
+        raise PipelineLayoutError(
+            f"{file}: unexpected key {key!r} for pipeline layer {index} "
+            f"(expected keys starting with {', '.join(layer.key_prefixes)})"
+        )
+    return name
 
 
 class PipelineSource(TensorSource):
@@ -74,7 +65,8 @@ class PipelineSource(TensorSource):
                 f"{self.dir}: several files per layer (tensor-parallel pipeline checkpoints are not supported): "
                 f"{several}"
             )
-        expected = set(range(num_layers + 2))
+        layout = PipelineLayout(num_layers)
+        expected = set(range(len(layout)))
         missing, extra = sorted(expected - set(files)), sorted(set(files) - expected)
         if missing or extra:
             raise PipelineLayoutError(
@@ -87,7 +79,7 @@ class PipelineSource(TensorSource):
             file = files[index][0]
             state = _load(file)
             for key, tensor in state.items():
-                name = map_layer_key(index, key, num_layers, file)
+                name = map_layer_key(layout, index, key, file)
                 if name in self._where:
                     raise PipelineLayoutError(
                         f"{file}: {key!r} maps to {name}, already read from {self._where[name][0]}"
