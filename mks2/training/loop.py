@@ -8,6 +8,7 @@ checkpointing, exact resume, non-finite-step skipping, preemption, and logging.
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import time
@@ -20,6 +21,7 @@ import torch.distributed as dist
 
 from mks2 import checkpoint as ckpt
 from mks2.config import ConfigError, ParallelMode, RunConfig, to_dict
+from mks2.model import apply_config_from_hf
 from mks2.training import distributed, faults
 from mks2.training.batch import check_world_size
 from mks2.training.engine import TrainingEngine, build_engine
@@ -316,12 +318,12 @@ def plan_resume(cfg: RunConfig, world_size: int) -> str | None:
 
 
 def resolved_config(cfg: RunConfig) -> dict[str, Any]:
-    """The config as the model will be built: architecture read from ``model.init_from`` if set."""
-    if cfg.model.init_from:
-        from mks2.model import apply_config_from_hf
-
-        apply_config_from_hf(cfg, cfg.model.init_from)
-    return to_dict(cfg)
+    """The config as the model will be built (architecture read from ``model.init_from`` if set), as a
+    plain dict. Pure: ``cfg`` is left as it is, so the rank that plans the resume does not end up with a
+    config the other ranks lack (``build_model`` applies ``model.init_from`` on every rank)."""
+    if not cfg.model.init_from:
+        return to_dict(cfg)
+    return to_dict(apply_config_from_hf(copy.deepcopy(cfg), cfg.model.init_from))
 
 
 def run_training(cfg: RunConfig, task: StageTask) -> str:

@@ -9,10 +9,12 @@ import math
 import pytest
 import torch
 
-from mks2.config import ConfigError, load_config
+from mks2.config import ConfigError, load_config, to_dict
 from mks2.training import faults
 from mks2.training.ds_config import build_ds_config
+from mks2.training.loop import resolved_config
 from mks2.training.schedule import build_scheduler, lr_at
+from tests.fixtures import make_tiny_llama
 
 
 def test_schedule_warmup_then_cosine_to_min_lr():
@@ -134,3 +136,13 @@ def test_path_checks_name_every_missing_input(tmp_path):
     assert any(p.startswith("model.vision.path") for p in problems)
     assert any(p.startswith("data.datasets[0]: dataset directory not found") for p in problems)
     assert any(p.startswith("data.eval_datasets[0]") for p in problems)
+
+
+def test_resolved_config_reads_init_from_without_changing_the_config(tmp_path):
+    """Only rank 0 calls it (to check a resume): it must leave that rank's config as every other rank's."""
+    make_tiny_llama(tmp_path / "llama", vocab_size=1024, intermediate_size=88)
+    cfg = load_config(None, [f"model.init_from={tmp_path / 'llama'}"])
+    before = to_dict(cfg)
+    resolved = resolved_config(cfg)
+    assert resolved["model"]["intermediate_size"] == 88 and resolved["model"]["hidden_size"] == 32
+    assert to_dict(cfg) == before and before["model"]["intermediate_size"] == 176
