@@ -8,9 +8,11 @@ The copies are the package files byte for byte except for their import statement
 - ``from mks2.a.b import x`` becomes ``from .mks2_a_b import x`` (the relative form transformers'
   dynamic-module loader recognises and copies along);
 - ``mks2.ops`` (the fused-kernel dispatcher) is replaced by ``mks2.export.remote.ops_reference``, which
-  computes the same mixing with the kernels' bundled pure-PyTorch reference;
-- ``omegaconf`` imports (needed only to *load* YAML configs) are wrapped in ``try``/``except ImportError``
-  with placeholder classes, so an exported model needs only torch and transformers.
+  computes the same mixing with the kernels' bundled pure-PyTorch reference.
+
+An exported model needs only torch and transformers: the model code imports the config *schema*
+(``mks2.config.schema``, stdlib only), never the YAML loader, so a bundled file that imports one of
+``EXCLUDED_PACKAGES`` is refused rather than papered over.
 
 Each file starts with a header naming its source file and that file's sha256, so the export can be
 checked against the package it came from (``tests/export`` does, and compares logits).
@@ -33,12 +35,10 @@ ENTRY_MODULES = {
 SUBSTITUTES = {"mks2.ops": "mks2.export.remote.ops_reference"}
 """Package modules replaced by a stand-in in exported models (see module docstring)."""
 
-OPTIONAL_PACKAGES = ("omegaconf",)
-"""Third-party packages whose imports are made optional in the bundle."""
+EXCLUDED_PACKAGES = ("omegaconf", "deepspeed")
+"""Packages an exported model must not need (config loading, training): bundled code may not import them."""
 
 INTERNAL_PACKAGES = ("mks2", "mks2_kernels")
-
-_PLACEHOLDER = "_MissingOptionalPackage"
 
 
 class BundleError(RuntimeError):
@@ -80,6 +80,7 @@ def _rewrite_node(node: ast.stmt, where: str) -> tuple[list[str], list[str]] | N
     """New source lines (unindented) and the internal modules needed for one import statement, or
     None when the statement stays as it is."""
     if isinstance(node, ast.Import):
+        _refuse_excluded([a.name for a in node.names], where)
         if any(_is_internal(a.name) for a in node.names):
             raise BundleError(
                 f"{where}: 'import {node.names[0].name}' is not supported in bundled code; use 'from ... import'"
@@ -89,14 +90,7 @@ def _rewrite_node(node: ast.stmt, where: str) -> tuple[list[str], list[str]] | N
     if node.level:
         raise BundleError(f"{where}: relative imports are not supported in bundled package code")
     module = node.module or ""
-    if module.split(".")[0] in OPTIONAL_PACKAGES:
-        placeholders = " = ".join(a.asname or a.name for a in node.names)
-        return [
-            "try:  # optional in exported models (only loading YAML configs needs it)",
-            f"    from {module} import {_names(node)}",
-            "except ImportError:",
-            f"    {placeholders} = {_PLACEHOLDER}",
-        ], []
+    _refuse_excluded([module], where)
     if not _is_internal(module):
         return None
     if module in INTERNAL_PACKAGES:  # from mks2 import ops: a submodule imported by name
@@ -110,6 +104,15 @@ def _rewrite_node(node: ast.stmt, where: str) -> tuple[list[str], list[str]] | N
     return [f"from .{bundled_name(target)} import {_names(node)}"], [target]
 
 
+def _refuse_excluded(modules: list[str], where: str) -> None:
+    excluded = sorted({m.split(".")[0] for m in modules} & set(EXCLUDED_PACKAGES))
+    if excluded:
+        raise BundleError(
+            f"{where}: imports {', '.join(excluded)}, which an exported model must not need; model code imports "
+            "the config schema (mks2.config.schema), not mks2.config or the training side"
+        )
+
+
 def rewrite_imports(source: str, where: str) -> tuple[str, list[str]]:
     """Rewrite the import statements of one package file (see module docstring).
 
@@ -119,7 +122,6 @@ def rewrite_imports(source: str, where: str) -> tuple[str, list[str]]:
     lines = source.splitlines(keepends=True)
     edits: list[tuple[int, int, list[str]]] = []  # (first line index, last line index, replacement lines)
     needed: list[str] = []
-    needs_placeholder = False
     for node in ast.walk(tree):
         if not isinstance(node, (ast.Import, ast.ImportFrom)):
             continue
@@ -128,7 +130,6 @@ def rewrite_imports(source: str, where: str) -> tuple[str, list[str]]:
             continue
         new, modules = result
         needed += modules
-        needs_placeholder |= any(_PLACEHOLDER in line for line in new)
         first, last = node.lineno - 1, node.end_lineno - 1
         indent = lines[first][: node.col_offset]
         tail = lines[last][node.end_col_offset :].strip()
@@ -137,30 +138,7 @@ def rewrite_imports(source: str, where: str) -> tuple[str, list[str]]:
         edits.append((first, last, [indent + line + "\n" for line in new]))
     for first, last, new in sorted(edits, reverse=True):
         lines[first : last + 1] = new
-    text = "".join(lines)
-    if needs_placeholder:
-        # Defined right after the __future__ import / docstring: a type (isinstance checks) that is also
-        # an exception class (``except OmegaConfBaseException``), never instantiated.
-        anchor = _insert_point(tree)
-        out = text.splitlines(keepends=True)
-        out[anchor:anchor] = [
-            f"\n\nclass {_PLACEHOLDER}(Exception):\n",
-            '    """Stands for a package that is not installed."""\n\n',
-        ]
-        text = "".join(out)
-    return text, needed
-
-
-def _insert_point(tree: ast.Module) -> int:
-    """Line index after the module docstring and ``from __future__`` imports."""
-    index = 0
-    for node in tree.body:
-        is_doc = isinstance(node, ast.Expr) and isinstance(getattr(node, "value", None), ast.Constant)
-        is_future = isinstance(node, ast.ImportFrom) and node.module == "__future__"
-        if not (is_doc or is_future):
-            break
-        index = node.end_lineno
-    return index
+    return "".join(lines), needed
 
 
 def _sha256(path: Path) -> str:

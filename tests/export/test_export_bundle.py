@@ -14,24 +14,13 @@ from tests.export.export_helpers import run_config, tiny_model
 
 
 class _DropImports(ast.NodeTransformer):
-    """Remove import statements, try/except blocks made only of imports (the optional-package
-    wrappers) and the placeholder class the bundler adds: what remains must be identical."""
+    """Remove import statements: what remains must be identical."""
 
     def visit_Import(self, node):
         return None
 
     def visit_ImportFrom(self, node):
         return None
-
-    def visit_Try(self, node):
-        if all(isinstance(n, (ast.Import, ast.ImportFrom)) for n in node.body):
-            return None
-        return self.generic_visit(node)
-
-    def visit_ClassDef(self, node):
-        if node.name == "_MissingOptionalPackage":
-            return None
-        return self.generic_visit(node)
 
 
 def _code_without_imports(text: str) -> str:
@@ -41,7 +30,8 @@ def _code_without_imports(text: str) -> str:
 def test_bundle_is_the_package_code_with_only_imports_rewritten():
     files = bundle_sources()
     assert {"configuration_mks2.py", "modeling_mks2.py", "mks2_model_modeling.py", "mks2_model_decoder.py",
-            "mks2_model_mome.py", "mks2_model_vision.py", "mks2_config.py"} <= set(files)  # fmt: skip
+            "mks2_model_mome.py", "mks2_model_vision.py", "mks2_config_schema.py"} <= set(files)  # fmt: skip
+    assert "mks2_config_loader.py" not in files  # the schema alone: exported models need no omegaconf
     for name, item in files.items():
         source = module_path(item.module).read_text()
         assert item.source_sha256 == hashlib.sha256(module_path(item.module).read_bytes()).hexdigest()
@@ -75,6 +65,8 @@ def test_exported_files_carry_the_current_package_hashes(tmp_path):
         ("from . import x\n", "relative imports"),
         ("from mks2 import config\n", "only supported for"),
         ("x = 1; from mks2.config import Stage\n", "alone on its line"),
+        ("from omegaconf import OmegaConf\n", "omegaconf, which an exported model must not need"),
+        ("import deepspeed\n", "deepspeed, which an exported model must not need"),
     ],
 )
 def test_unsupported_import_forms_fail_at_export_time(source, message):
