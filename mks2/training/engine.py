@@ -28,6 +28,7 @@ from torch import nn
 from mks2.config import Offload, ParallelMode, RunConfig, to_dict
 from mks2.model.dtypes import torch_dtype
 from mks2.training import distributed
+from mks2.training.batch import data_parallel_size, pipeline_stages
 from mks2.training.ds_config import build_ds_config, zero_stage
 from mks2.training.frozen_vision import FrozenVision
 from mks2.training.schedule import build_scheduler
@@ -130,8 +131,7 @@ def build_engine(cfg: RunConfig, task: StageTask) -> TrainingEngine:
     from deepspeed.accelerator import get_accelerator
 
     world = distributed.world_size()
-    stages = cfg.parallel.pipeline_stages if cfg.parallel.mode == ParallelMode.PIPELINE else 1
-    dp_size = world // stages
+    dp_size = data_parallel_size(cfg, world)
     on_cpu = get_accelerator().device_name() == "cpu"
     ds_config, notes = build_ds_config(
         cfg, data_parallel_size=dp_size, use_torch_adam=on_cpu and cfg.parallel.offload == Offload.NONE
@@ -142,7 +142,7 @@ def build_engine(cfg: RunConfig, task: StageTask) -> TrainingEngine:
     dtype = torch_dtype(cfg.train.precision)
     torch.manual_seed(cfg.train.seed)  # identical initialisation in both modes and on every rank
     if cfg.parallel.mode == ParallelMode.PIPELINE:
-        return _build_pipeline(cfg, task, ds_config, dtype, stages)
+        return _build_pipeline(cfg, task, ds_config, dtype, pipeline_stages(cfg))
     return _build_zero3(cfg, task, ds_config, dtype)
 
 

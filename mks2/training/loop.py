@@ -23,7 +23,7 @@ from mks2 import checkpoint as ckpt
 from mks2.config import ConfigError, ParallelMode, RunConfig, to_dict
 from mks2.model import apply_config_from_hf
 from mks2.training import distributed, faults
-from mks2.training.batch import check_world_size
+from mks2.training.batch import check_world_size, data_parallel_size, pipeline_stages
 from mks2.training.engine import TrainingEngine, build_engine
 from mks2.training.metrics import MetricsLog, peak_flops_per_device, train_flops_per_position
 from mks2.training.task import StageTask
@@ -281,8 +281,11 @@ class Trainer:
 
 def run_layout(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     """The parallel layout recorded in (and checked against) every checkpoint."""
-    stages = cfg.parallel.pipeline_stages if cfg.parallel.mode == ParallelMode.PIPELINE else 1
-    return {"mode": cfg.parallel.mode.value, "pipeline_stages": stages, "data_parallel_size": world_size // stages}
+    return {
+        "mode": cfg.parallel.mode.value,
+        "pipeline_stages": pipeline_stages(cfg),
+        "data_parallel_size": data_parallel_size(cfg, world_size),
+    }
 
 
 def plan_resume(cfg: RunConfig, world_size: int) -> str | None:
