@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mks2.config import ConfigError
+from mks2.config import ConfigError, RunConfig
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def ablation_overrides(name: str | None) -> tuple[str, ...]:
     return ABLATIONS[name].overrides
 
 
-def check_ablation(name: str | None, cfg) -> None:
+def check_ablation(name: str | None, cfg: RunConfig) -> None:
     """Preset-specific problems of a loaded config (ConfigError)."""
     if name == "inst_lora" and not cfg.model.init_from:
         raise ConfigError(
