@@ -2,7 +2,9 @@
 
 The ``kernels/`` folder is installed under the import name ``mks2_kernels``: PyPI has a package
 called ``kernels`` that ``transformers`` probes for, and a local package of that name would be
-mistaken for it.
+mistaken for it. The top-level ``configs/`` and ``ds_configs/`` folders ship as the package data of
+``mks2._configs`` and ``mks2._ds_configs`` (found with ``mks2.config.bundled``), so a non-editable
+install has its default run config and DeepSpeed templates.
 """
 
 from setuptools import find_packages, setup
@@ -20,6 +22,12 @@ REQUIRES = [
     "pillow>=9",
     "numpy>=1.24",
 ]
+
+PACKAGE_DIRS = {
+    "mks2._configs": "configs",  # run configs (YAML): demo.yaml is the launchers' default
+    "mks2._ds_configs": "ds_configs",  # DeepSpeed JSON templates
+    "mks2_kernels": "kernels",
+}
 
 EXTRAS = {
     "gpu": ["flash-attn>=2.5", "triton>=2.3"],
@@ -41,9 +49,13 @@ setup(
     version="0.1.0",
     description="DeepSpeed training system for MKS2: visual memory and soft MoME inside Llama",
     python_requires=">=3.10",
-    packages=find_packages(include=["mks2", "mks2.*"]) + ["mks2_kernels"],
-    package_dir={"mks2_kernels": "kernels"},
-    package_data={"mks2": ["configs/*.yaml"], "mks2_kernels": ["csrc/*.cu", "csrc/*.cpp", "csrc/*.h", "README.md"]},
+    packages=find_packages(include=["mks2", "mks2.*"]) + ["mks2._configs", "mks2._ds_configs", "mks2_kernels"],
+    package_dir=PACKAGE_DIRS,
+    package_data={
+        "mks2._configs": ["*.yaml"],
+        "mks2._ds_configs": ["*.json"],
+        "mks2_kernels": ["csrc/*.cu", "csrc/*.cpp", "csrc/*.h", "README.md"],
+    },
     install_requires=REQUIRES,
     extras_require=EXTRAS,
 )

@@ -21,10 +21,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mks2.config import REPO_ROOT, load_config
+from mks2.config import bundled_config, load_config
 from mks2.training.cli import USER_ERRORS, report_error, setup_logging
 
-DEMO_STAGE2_CONFIG = REPO_ROOT / "configs" / "demo_stage2.yaml"
+DEMO_STAGE2_CONFIG = bundled_config("demo_stage2.yaml")  # configs/demo_stage2.yaml, shipped with the package
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -5,14 +5,16 @@
 | ``schema`` | the section dataclasses and enums, each section's rules, ``validate`` (stdlib only) |
 | ``loader`` | ``load_config`` / ``config_from_dict`` / ``to_dict`` (OmegaConf) |
 | ``errors`` | ``ConfigError``: every problem found, in one message |
+| ``bundled`` | the run configs (``configs/``) and DeepSpeed templates (``ds_configs/``) shipped with the package |
 | ``reference`` | ``docs/CONFIG.md`` from the fields' docstrings (``python -m mks2.config --reference``) |
 
 Everything public is importable from ``mks2.config``. Code that must not depend on OmegaConf (the
 model, the files bundled into exported models) imports ``mks2.config.schema`` instead.
 """
 
+from mks2.config.bundled import bundled_config, ds_template
 from mks2.config.errors import ConfigError
-from mks2.config.loader import DEMO_CONFIG, REPO_ROOT, config_from_dict, load_config, to_dict
+from mks2.config.loader import DEMO_CONFIG, config_from_dict, load_config, to_dict
 from mks2.config.schema import (
     AttentionBackend,
     ChatTemplate,
@@ -39,7 +41,6 @@ from mks2.config.schema import (
 
 __all__ = [
     "DEMO_CONFIG",
-    "REPO_ROOT",
     "AttentionBackend",
     "ChatTemplate",
     "ConfigError",
@@ -61,7 +62,9 @@ __all__ = [
     "TrainConfig",
     "VisionConfig",
     "VisionKind",
+    "bundled_config",
     "config_from_dict",
+    "ds_template",
     "load_config",
     "to_dict",
     "validate",

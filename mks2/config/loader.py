@@ -19,11 +19,12 @@ from typing import Any, get_args, get_type_hints
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mks2.config.bundled import bundled_config
 from mks2.config.errors import ConfigError
 from mks2.config.schema import DatasetSource, RunConfig, validate
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+DEMO_CONFIG = bundled_config("demo.yaml")
+"""The embedded default run config (``configs/demo.yaml``, shipped with the package)."""
 
 _DICT_LEAVES = {"model.rope_scaling"}
 """Dict-valued free-form fields: their keys are not schema keys."""

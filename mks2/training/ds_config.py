@@ -14,10 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mks2.config import REPO_ROOT, ConfigError, Offload, ParallelMode, Precision, RunConfig
+from mks2.config import ConfigError, Offload, ParallelMode, Precision, RunConfig, ds_template
 from mks2.training.batch import grad_accumulation_steps
-
-DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
 
 
 def template_path(cfg: RunConfig) -> Path:
@@ -26,8 +24,8 @@ def template_path(cfg: RunConfig) -> Path:
     if par.ds_config:
         return Path(par.ds_config).expanduser()
     if par.mode == ParallelMode.PIPELINE:
-        return DS_CONFIG_DIR / "pipeline.json"
-    return DS_CONFIG_DIR / ("zero3_offload.json" if par.offload != Offload.NONE else "zero3.json")
+        return ds_template("pipeline.json")
+    return ds_template("zero3_offload.json" if par.offload != Offload.NONE else "zero3.json")
 
 
 def load_template(path: Path) -> dict[str, Any]:

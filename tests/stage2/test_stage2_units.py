@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from mks2 import checkpoint as ckpt
-from mks2.config import ConfigError, SFTData, load_config
+from mks2.config import ConfigError, SFTData, bundled_config, load_config
 from mks2.demo import resolve
 from mks2.model.decoder import DecoderLayer
 from mks2.training.ablations import ABLATIONS, ablation_overrides, check_ablation
 from mks2.training.from_stage1 import adopt_stage1_config, locate_stage1, wanted_from_stage1
 from mks2.training.stage2 import SFTObjective, Stage2Task, select_sft_datasets, vision_features
 
-DEMO_STAGE2 = "configs/demo_stage2.yaml"
+DEMO_STAGE2 = bundled_config("demo_stage2.yaml")
 
 
 # --------------------------------------------------------------------------------------------
