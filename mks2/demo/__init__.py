@@ -8,8 +8,9 @@ world, a sentencepiece tokenizer and a tiny pre-trained CLIP vision tower, built
 Command line: ``python -m mks2.demo --cache-dir DIR`` builds (if needed) and prints the paths.
 
 The demo sits above training and export: ``mks2.demo.base_lm`` pretrains the demo's stand-in for a
-pretrained Llama and writes it through the exporter (``tools/demo_experiment.py``, step 0). Production
-code never imports this package: the launchers resolve the placeholders before anything else runs.
+pretrained Llama and writes it through the exporter (``tools/demo_experiment.py``, step 0). The model,
+data, checkpoint and training code never import this package: the launchers and tools resolve the
+placeholders (``resolve``) before anything else runs.
 """
 
 from mks2.demo.builder import DEMO_VERSION, DemoSizes, build, build_dir_name, ensure_built, fingerprint
