@@ -8,9 +8,9 @@ import torch
 from transformers import LlamaForCausalLM
 
 from mks2 import build_model, load_config
+from mks2.demo.base_lm import base_config, pretrain_demo_base, save_hf_llama
 from mks2.eval import load_for_eval
 from mks2.eval.data import prompt_ids
-from mks2.demo.base_lm import base_config, pretrain_demo_base, save_hf_llama
 
 TINY = ["model.hidden_size=32", "model.intermediate_size=48", "model.num_layers=2", "model.num_heads=4",
         "model.num_kv_heads=2"]  # fmt: skip
