@@ -128,6 +128,13 @@ def undocumented_fields() -> list[str]:
     return [leaf.key for leaf in leaf_fields() if not leaf.doc]
 
 
+def undocumented_enum_values() -> list[str]:
+    """``Enum.MEMBER`` of every value of a mode switch used by the config that has no docstring."""
+    docs = _schema_docs()
+    enums = {enum_cls for leaf in leaf_fields() if (enum_cls := enum_of(leaf.type)) is not None}
+    return sorted(f"{e.__name__}.{m.name}" for e in enums for m in e if m.name not in docs[e.__name__].fields)
+
+
 def enum_of(annotation: Any) -> type[enum.Enum] | None:
     """The enum class of an annotation such as ``Stage`` or ``Precision | None``."""
     for candidate in (annotation, *typing.get_args(annotation)):
