@@ -6,7 +6,7 @@ Layout of ``train.save_dir`` (one directory per saved optimizer step)::
       step_00000010/                 DeepSpeed's files (model / optimizer / scheduler state; in pipeline
                                      mode one layer_XX-model_states.pt per LayerSpec)
         mks2/trainer.json            step, stage, parallel mode, world/data-parallel/pipeline sizes,
-                                     consumed samples, skipped-step counters (rank 0)      metadata
+                                     tokens seen, skipped-step counters (rank 0)           metadata
         mks2/config.json             the resolved run config (mks2.config.to_dict) (rank 0) metadata
         mks2/rank_00000.pt ...       one per rank: python/numpy/torch(/accelerator) RNG states and the
                                      rank's data-loader state (tensors/containers only)   rank_state

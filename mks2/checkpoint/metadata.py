@@ -1,6 +1,6 @@
 """The trainer's record of a checkpoint: ``mks2/trainer.json`` and ``mks2/config.json`` (rank 0).
 
-``trainer.json`` holds the loop state (``loop``: step, consumed samples, skipped-step counters) and
+``trainer.json`` holds the loop state (``loop``: step, tokens seen, skipped-step counters) and
 the run (``run``: stage, parallel mode, world/data-parallel/pipeline sizes); ``config.json`` holds
 the resolved run config (``mks2.config.to_dict``). This module is their one writer and one reader.
 """
