@@ -51,6 +51,7 @@ from mks2.export.layout import (
     target_tensors,
 )
 from mks2.export.model_card import write_model_card
+from mks2.export.peft_adapter import write_peft_adapter
 from mks2.export.safetensors_stream import ShardedSafetensorsWriter, parse_size
 from mks2.export.verify import DEFAULT_ATOL, VerificationReport, report_dict, verify_export
 
@@ -282,7 +283,6 @@ def convert_checkpoint(
 def _adapter(
     source: TensorSource, cfg: RunConfig, tmp: Path, out: Path, precision: Precision, prov: dict, progress: bool
 ) -> ExportResult:
-    from mks2.export.peft_adapter import write_peft_adapter
 
     part = write_peft_adapter(source, cfg, tmp, dtype=precision, progress=progress)
     result = ExportResult(directory=out.absolute(), format="peft-lora", dtype=precision.value, files=part["files"])
