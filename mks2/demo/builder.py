@@ -74,12 +74,17 @@ class DemoSizes:
 SIZES_DEFAULT = DemoSizes()
 
 
+# Demo modules that use a build but do not shape it: editing them must not force a rebuild.
+_NOT_BUILD_INPUTS = frozenset({"base_lm.py", "__main__.py"})
+
+
 def fingerprint() -> str:
     """Short hash of the demo generator and pretokenizer sources (+ DEMO_VERSION)."""
     h = hashlib.sha256(f"mks2-demo-{DEMO_VERSION}\n".encode())
     here = Path(__file__).resolve().parent
     data = here.parent / "data"
-    files = sorted(here.glob("*.py")) + [data / n for n in _DATA_SOURCES if (data / n).is_file()]
+    own = [f for f in sorted(here.glob("*.py")) if f.name not in _NOT_BUILD_INPUTS]
+    files = own + [data / n for n in _DATA_SOURCES if (data / n).is_file()]
     for f in files:
         h.update(f"{f.parent.name}/{f.name}\n".encode())
         h.update(f.read_bytes())
