@@ -159,3 +159,15 @@ def test_every_module_imports_on_its_own():
         if message:
             failed.append(f"{name}: {message}")
     assert not failed, "modules that fail to import on their own:\n" + "\n".join(failed)
+
+
+def test_the_kernels_package_imports_nothing_of_mks2():
+    kernels = PACKAGE.parent / "kernels"
+    wrong = []
+    for path in sorted(kernels.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            wrong += [f"{path}:{node.lineno}: {n}" for n in names if n == "mks2" or n.startswith("mks2.")]
+    assert not wrong, "kernels/ (mks2_kernels) must stay usable without mks2:\n" + "\n".join(wrong)
