@@ -1,4 +1,9 @@
-"""mks2: DeepSpeed training system for MKS2 (Modular Visual Memory + soft MoME inside Llama)."""
+"""mks2: DeepSpeed training system for MKS2 (Modular Visual Memory + soft MoME inside Llama).
+
+Layers, lowest first (docs/ARCHITECTURE.md; a module imports only its own layer or lower ones):
+base (``errors``, ``fileio``, ``constants``, ``config``, ``ops``) -> ``model`` -> ``data`` ->
+``checkpoint`` -> ``training`` -> ``export`` -> ``demo`` -> ``eval``. This facade imports only the base.
+"""
 
 from mks2.config import ConfigError, RunConfig, load_config
 

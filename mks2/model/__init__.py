@@ -4,7 +4,8 @@ Public API::
 
     from mks2.model import build_model, MKS2ForCausalLM, MKS2Output, merge_lora, load_hf_llama, parameter_summary
 
-See ``mks2.model.modeling`` for the module tree and the pipeline split.
+See ``mks2.model.modeling`` for the module tree and ``mks2.model.pipeline_layout`` for the pipeline
+split (layer list, key map, stage split) that training and the checkpoint reader share.
 """
 
 from mks2.model.build import apply_trainable_split, build_model, init_mvm_from_mlp, is_trainable
