@@ -24,7 +24,6 @@ nothing is read from ``model.init_from`` or the vision directory's weights. The 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -38,17 +37,13 @@ from mks2.checkpoint.pipeline_reader import PipelineSource
 from mks2.checkpoint.tensors import DEFAULT_REFRESH_BYTES, TensorSource, TensorSpec, tensor_specs
 from mks2.checkpoint.zero_reader import ZeroSource
 from mks2.config import ParallelMode, RunConfig
+from mks2.errors import name_mismatch
 from mks2.model.build import apply_trainable_split
 from mks2.model.modeling import MKS2ForCausalLM
 
 # Prefixes the training engine may put before our parameter names (the stage objective wraps the
 # model as ``.model``; DeepSpeed engines as ``module.``).
 ENGINE_PREFIXES = ("", "model.", "module.", "module.model.")
-
-
-def _shorten(names: Iterable[str], limit: int = 8) -> str:
-    names = sorted(names)
-    return ", ".join(names[:limit]) + (f" ... (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
 class ConsolidatedCheckpoint(TensorSource):
@@ -78,14 +73,15 @@ class ConsolidatedCheckpoint(TensorSource):
         unexpected = {n for n in raw_names if not n.startswith(prefix) or n[len(prefix) :] not in expected}
         unexpected -= {prefix + n for n in ignorable}
         if missing or unexpected:
-            lines = []
-            if missing:
-                lines.append(f"missing {len(missing)} tensor(s) the model needs: {_shorten(missing)}")
-            if unexpected:
-                lines.append(f"{len(unexpected)} tensor(s) the model does not have: {_shorten(unexpected)}")
+            lines = name_mismatch(
+                missing,
+                unexpected,
+                missing_as="missing {n} tensor(s) the model needs",
+                unexpected_as="{n} tensor(s) the model does not have",
+            )
             raise CheckpointError(
                 f"{ckpt.path} does not match the model its saved config builds "
-                f"(stage {ckpt.config.model.stage.value}):\n" + "\n".join(f"  - {line}" for line in lines)
+                f"(stage {ckpt.config.model.stage.value}):\n{lines}"
             )
         bad = [
             f"{n}: checkpoint {self.raw.meta[self._raw_name[n]].shape}, model {expected[n].shape}"

@@ -97,10 +97,11 @@ def list_checkpoints(save_dir: str | Path) -> tuple[list[CheckpointDir], list[Ch
     return complete, incomplete
 
 
-def _get(d: dict[str, Any], dotted: str) -> Any:
+def dotted_get(d: dict[str, Any], dotted: str, default: Any = None) -> Any:
+    """Value at a dotted key (``model.mvm.layers``) of a saved config dict, ``default`` when a level is missing."""
     for part in dotted.split("."):
         if not isinstance(d, dict) or part not in d:
-            return None
+            return default
         d = d[part]
     return d
 
@@ -109,10 +110,10 @@ def shape_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Human-readable list of model-shape keys that differ between two resolved config dicts."""
     out = []
     for key in SHAPE_KEYS:
-        a, b = _get(saved, key), _get(current, key)
+        a, b = dotted_get(saved, key), dotted_get(current, key)
         if key == "model.num_kv_heads":  # None means "= num_heads"
-            a = a if a is not None else _get(saved, "model.num_heads")
-            b = b if b is not None else _get(current, "model.num_heads")
+            a = a if a is not None else dotted_get(saved, "model.num_heads")
+            b = b if b is not None else dotted_get(current, "model.num_heads")
         if a != b:
             out.append(f"{key}: checkpoint {a!r}, now {b!r}")
     return out

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from mks2.config.errors import ConfigError
 from mks2.config.schema import RunConfig, validate
-from mks2.errors import UserError
+from mks2.errors import UserError, name_mismatch
 from mks2.model.rope import normalize_rope_scaling
 
 WeightGather = Callable[[list[nn.Parameter]], contextlib.AbstractContextManager]
@@ -207,10 +207,6 @@ def llama_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     }
 
 
-def _shorten(names: list[str], limit: int = 10) -> str:
-    return ", ".join(names[:limit]) + (f" ... (+{len(names) - limit} more)" if len(names) > limit else "")
-
-
 def load_hf_llama(
     model: nn.Module, path: str | Path, *, weight_gather: WeightGather | None = None, progress: bool = True
 ) -> list[str]:
@@ -233,12 +229,7 @@ def load_hf_llama(
     )
     missing = sorted(n for n in params if n not in index)
     if unexpected or missing:
-        lines = []
-        if missing:
-            lines.append(f"missing {len(missing)} tensor(s): {_shorten(missing)}")
-        if unexpected:
-            lines.append(f"unexpected {len(unexpected)} tensor(s): {_shorten(unexpected)}")
-        raise HFCheckpointError(f"{path} does not match the model:\n" + "\n".join(f"  - {x}" for x in lines))
+        raise HFCheckpointError(f"{path} does not match the model:\n" + name_mismatch(missing, unexpected))
 
     by_file: dict[Path, list[str]] = {}
     for key in params:

@@ -33,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mks2.checkpoint import CheckpointError, find, open_consolidated, read_meta
+from mks2.checkpoint.layout import dotted_get
 from mks2.config import RunConfig, Stage, VisionKind
 
 log = logging.getLogger("mks2.training")
@@ -96,15 +97,6 @@ def locate_stage1(path: str | Path) -> Stage1Source:
 _ABSENT = object()
 
 
-def _get(d: dict[str, Any], dotted: str) -> Any:
-    """Value at a dotted key of a plain nested dict, ``_ABSENT`` when a level is missing."""
-    for part in dotted.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return _ABSENT
-        d = d[part]
-    return d
-
-
 def _set(node: Any, dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     for part in parents:
@@ -131,7 +123,7 @@ def adopt_stage1_config(cfg: RunConfig, source: Stage1Source) -> list[str]:
     notes: list[str] = []
 
     def adopt(dotted: str) -> None:
-        new = _get(saved, dotted)
+        new = dotted_get(saved, dotted, _ABSENT)
         if new is _ABSENT:
             return  # a config written before this key existed: keep ours
         old = _read(m, dotted)
@@ -142,7 +134,7 @@ def adopt_stage1_config(cfg: RunConfig, source: Stage1Source) -> list[str]:
     for key in ARCHITECTURE_KEYS:
         adopt(key)
     if VisionKind(m.vision.kind) != VisionKind.NONE:
-        if _get(saved, "vision.kind") in (_ABSENT, None, VisionKind.NONE.value):
+        if dotted_get(saved, "vision.kind", _ABSENT) in (_ABSENT, None, VisionKind.NONE.value):
             raise CheckpointError(
                 f"model.vision.kind={VisionKind(m.vision.kind).value} but the stage-1 run {source.path} had no "
                 "vision front-end"
