@@ -47,7 +47,7 @@ _NON_LLAMA_PREFIXES = ("vision.", "retrieval.")
 
 
 class HFCheckpointError(UserError, ValueError):
-    """A Hugging Face model directory (``model.init_from``) cannot be read into the model (message names
+    """A Hugging Face model directory (``model.init_from``, ``model.vision.path``) cannot be read into the model (names
     tensors and files). Not ``mks2.checkpoint.CheckpointError``: that one is about the trainer's own
     checkpoints, in a package above the model."""
 
@@ -69,13 +69,15 @@ def read_hf_llama_config(path: str | Path) -> dict[str, Any]:
     path = Path(path).expanduser()
     file = path / "config.json"
     if not path.is_dir():
-        raise ValueError(f"model.init_from: directory {path} does not exist")
+        raise HFCheckpointError(f"model.init_from: directory {path} does not exist")
     if not file.is_file():
-        raise ValueError(f"model.init_from: {path} has no config.json (expected a transformers Llama checkpoint)")
+        raise HFCheckpointError(
+            f"model.init_from: {path} has no config.json (expected a transformers Llama checkpoint)"
+        )
     try:
         raw = json.loads(file.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{file}: not valid JSON ({exc})") from exc
+        raise HFCheckpointError(f"{file}: not valid JSON ({exc})") from exc
 
     problems = []
     if raw.get("model_type") != "llama":
@@ -103,7 +105,7 @@ def read_hf_llama_config(path: str | Path) -> dict[str, Any]:
         problems.append(str(exc))
         scaling = None
     if problems:
-        raise ValueError(f"{file}: cannot load as an MKS2 Llama:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise HFCheckpointError(f"{file}: cannot load as an MKS2 Llama:\n" + "\n".join(f"  - {p}" for p in problems))
 
     return {
         "vocab_size": raw["vocab_size"],

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from mks2.config.schema import VisionKind
 from mks2.model.dtypes import torch_dtype
-from mks2.model.hf_loading import _iter_file, checkpoint_index
+from mks2.model.hf_loading import HFCheckpointError, _iter_file, checkpoint_index
 
 WeightGather = Callable[[list[nn.Parameter]], contextlib.AbstractContextManager]
 
@@ -89,7 +89,7 @@ class VisionCheckpointInfo:
 def _square_size(value: Any, what: str, path: Path) -> int:
     if isinstance(value, (list, tuple)):
         if len(value) != 2 or value[0] != value[1]:
-            raise ValueError(f"{path}/config.json: only square {what} is supported, got {list(value)}")
+            raise HFCheckpointError(f"{path}/config.json: only square {what} is supported, got {list(value)}")
         value = value[0]
     return int(value)
 
@@ -100,30 +100,30 @@ def read_vision_checkpoint(model_cfg: Any) -> VisionCheckpointInfo:
     vis = model_cfg.vision
     kind = VisionKind(vis.kind)
     if kind == VisionKind.NONE:
-        raise ValueError("model.vision.kind is 'none': this model has no vision front-end")
+        raise HFCheckpointError("model.vision.kind is 'none': this model has no vision front-end")
     if not vis.path:
-        raise ValueError(f"model.vision.path: required when model.vision.kind={kind.value}")
+        raise HFCheckpointError(f"model.vision.path: required when model.vision.kind={kind.value}")
     if str(vis.path) == "demo":
-        raise ValueError(
+        raise HFCheckpointError(
             "model.vision.path=demo has not been resolved: call mks2.demo.resolve(cfg) before building the model"
         )
     path = Path(vis.path).expanduser()
     expected = " or ".join(f"'{t}'" for t in _MODEL_TYPES[kind])
     if not path.is_dir():
-        raise ValueError(
+        raise HFCheckpointError(
             f"model.vision.path: directory {path} does not exist "
             f"(expected {_EXPECTED_LAYOUT[kind]} with model_type {expected})"
         )
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise ValueError(f"model.vision.path: {path} has no config.json (expected {_EXPECTED_LAYOUT[kind]})")
+        raise HFCheckpointError(f"model.vision.path: {path} has no config.json (expected {_EXPECTED_LAYOUT[kind]})")
     try:
         raw = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{config_file}: not valid JSON ({exc})") from exc
+        raise HFCheckpointError(f"{config_file}: not valid JSON ({exc})") from exc
     model_type = raw.get("model_type")
     if model_type not in _MODEL_TYPES[kind]:
-        raise ValueError(
+        raise HFCheckpointError(
             f"{config_file}: model_type is {model_type!r} but model.vision.kind={kind.value} expects "
             f"model_type {expected} ({_EXPECTED_LAYOUT[kind]})"
         )
@@ -143,7 +143,7 @@ def read_vision_checkpoint(model_cfg: Any) -> VisionCheckpointInfo:
     patch = _square_size(vision_config.patch_size, "patch_size", path)
     size = int(vis.image_size) if vis.image_size is not None else native
     if size < patch or size % patch:
-        raise ValueError(
+        raise HFCheckpointError(
             f"model.vision.image_size ({size}) must be a positive multiple of the patch size ({patch}) of {path}"
         )
     feature_layer = int(getattr(vis, "feature_layer", -2))
@@ -153,7 +153,7 @@ def read_vision_checkpoint(model_cfg: Any) -> VisionCheckpointInfo:
         prefix, feature_dim = (size // patch) ** 2, int(vision_config.hidden_size)
         n_layers = int(vision_config.num_hidden_layers)
         if not -(n_layers + 1) <= feature_layer <= n_layers:
-            raise ValueError(
+            raise HFCheckpointError(
                 f"model.vision.feature_layer ({feature_layer}) is outside -{n_layers + 1}..{n_layers} for the "
                 f"{n_layers}-layer CLIP tower in {path}"
             )
@@ -396,7 +396,7 @@ class VisionFrontEnd(nn.Module):
                 shown = ", ".join(sorted(keys)[:8]) + (" ..." if len(keys) > 8 else "")
                 problems.append(f"{what} {len(keys)} tensor(s) of the {self.kind.value} vision tower: {shown}")
         if problems:
-            raise ValueError(f"{path}: checkpoint " + "; ".join(problems))
+            raise HFCheckpointError(f"{path}: checkpoint " + "; ".join(problems))
 
         by_file: dict[Path, list[str]] = {}
         for key in wanted:
@@ -409,7 +409,7 @@ class VisionFrontEnd(nn.Module):
                 gather = weight_gather([dst]) if weight_gather is not None and is_param else contextlib.nullcontext()
                 with gather, torch.no_grad():
                     if tuple(dst.shape) != tuple(tensor.shape):
-                        raise ValueError(
+                        raise HFCheckpointError(
                             f"{path}: tensor {key!r} (in {file.name}) has shape {tuple(tensor.shape)} but the "
                             f"{self.kind.value} vision tower built from its config.json expects {tuple(dst.shape)}"
                         )
@@ -422,7 +422,7 @@ class VisionFrontEnd(nn.Module):
     def _check_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
         s = self.info.image_size
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, s, s):
-            raise ValueError(
+            raise HFCheckpointError(
                 f"pixel_values: expected shape [N, 3, {s}, {s}] for {self.info.path}, got {tuple(pixel_values.shape)}"
             )
         return pixel_values.to(self.vision_model.embeddings.patch_embedding.weight.dtype)
