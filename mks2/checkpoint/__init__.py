@@ -28,6 +28,8 @@ Modules (each one job; the package imports config and model, never training or e
 - ``find``: the one ``find`` (save_dir or checkpoint directory + tag -> a complete checkpoint), with
   ``find_resume`` (``train.resume``'s none/auto/require policy) and ``find_checkpoint`` (+ metadata);
 - ``rank_state`` / ``writer``: what the trainer saves per rank, and rank 0's marker, ``latest``, retention;
+- ``safe_load``: weights-only loading with DeepSpeed's allow-list (``safe_load``, ``safe_torch_load``,
+  ``check_checkpoint_files``, the engine's ``install_safe_checkpoint_engine``);
 - ``tensors``: ``TensorSpec`` (shape + dtype), the ``TensorSource`` interface, ``ModuleSource``;
 - ``zero_reader`` / ``pipeline_reader``: tensor-by-tensor readers of DeepSpeed's files per mode;
 - ``consolidated``: ``open_consolidated`` / ``load_consolidated`` (either mode, under our names).
@@ -53,6 +55,13 @@ from mks2.checkpoint.layout import (
 )
 from mks2.checkpoint.metadata import TrainingCheckpoint, read_meta, write_meta
 from mks2.checkpoint.rank_state import load_rank_state, save_rank_state, set_rng_state
+from mks2.checkpoint.safe_load import (
+    UnsafeCheckpointError,
+    check_checkpoint_files,
+    install_safe_checkpoint_engine,
+    safe_load,
+    safe_torch_load,
+)
 from mks2.checkpoint.tensors import ModuleSource, TensorSource, TensorSpec, tensor_specs
 from mks2.checkpoint.writer import mark_complete, prune
 
@@ -68,10 +77,13 @@ __all__ = [
     "TensorSource",
     "TensorSpec",
     "TrainingCheckpoint",
+    "UnsafeCheckpointError",
     "build_empty_model",
+    "check_checkpoint_files",
     "find",
     "find_checkpoint",
     "find_resume",
+    "install_safe_checkpoint_engine",
     "list_checkpoints",
     "load_consolidated",
     "load_rank_state",
@@ -79,6 +91,8 @@ __all__ = [
     "open_consolidated",
     "prune",
     "rank_file",
+    "safe_load",
+    "safe_torch_load",
     "read_meta",
     "save_rank_state",
     "set_rng_state",

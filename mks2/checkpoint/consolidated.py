@@ -34,6 +34,7 @@ from mks2.checkpoint.errors import CheckpointError
 from mks2.checkpoint.find import find_checkpoint
 from mks2.checkpoint.metadata import TrainingCheckpoint
 from mks2.checkpoint.pipeline_reader import PipelineSource
+from mks2.checkpoint.safe_load import check_checkpoint_files
 from mks2.checkpoint.tensors import DEFAULT_REFRESH_BYTES, TensorSource, TensorSpec, tensor_specs
 from mks2.checkpoint.zero_reader import ZeroSource
 from mks2.config import ParallelMode, RunConfig
@@ -114,6 +115,7 @@ def open_consolidated(
 ) -> ConsolidatedCheckpoint:
     """Open a complete checkpoint for tensor-by-tensor reading under our names (see module docstring)."""
     ckpt = find_checkpoint(save_dir, tag)
+    check_checkpoint_files(ckpt.path)  # before any reader unpickles a file
     shape_model = build_empty_model(ckpt.config, device="meta")
     return ConsolidatedCheckpoint(
         ckpt,

@@ -6,7 +6,7 @@ trainer's pipeline layers and their key map have one description, ``mks2.model.p
 LayerSpecs are built from, so every key maps to our parameter name by its layer index. Layer files
 hold every parameter of their layer, frozen ones included, in the dtype the pipeline computed in
 (the fp32 master copies of a bf16 run live in the optimizer files and are not used). Files are
-loaded with ``torch.load(mmap=True, weights_only=True)``, one file at a time.
+loaded with ``safe_load`` (weights only, memory-mapped), one file at a time.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from mks2.checkpoint.errors import PipelineLayoutError
+from mks2.checkpoint.safe_load import safe_load
 from mks2.checkpoint.tensors import DEFAULT_REFRESH_BYTES, TensorSource, TensorSpec
 from mks2.model.pipeline_layout import PipelineLayout
 
@@ -24,7 +25,7 @@ LAYER_FILE = re.compile(r"^layer_(\d+)-(.*)model_states\.pt$")
 
 
 def _load(file: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    state = safe_load(file, map_location="cpu", mmap=True)
     if not isinstance(state, dict):
         raise PipelineLayoutError(f"{file}: expected a state dict, got {type(state).__name__}")
     return state

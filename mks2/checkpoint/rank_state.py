@@ -15,6 +15,7 @@ import torch
 
 from mks2.checkpoint.errors import CheckpointError
 from mks2.checkpoint.layout import rank_file
+from mks2.checkpoint.safe_load import safe_load
 from mks2.fileio import atomic_torch_save
 
 
@@ -64,4 +65,4 @@ def load_rank_state(ckpt: Path, rank: int) -> dict[str, Any]:
             f"{path} is missing: the checkpoint was written by fewer ranks than this run has "
             "(exact resume needs the same world size)"
         )
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return safe_load(path, map_location="cpu")

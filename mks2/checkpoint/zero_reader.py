@@ -11,7 +11,9 @@
   run); trainable ones come out in fp32 (the master weights).
 
 The model-state files are memory-mapped as well (``torch.load`` does not map them by default).
-DeepSpeed's reader unpickles its own files (``weights_only=False``): convert only checkpoints you trust.
+DeepSpeed's reader unpickles with ``weights_only=False``; here it runs inside ``safe_torch_load`` (every
+``torch.load`` weights-only with the allow-list of ``mks2.checkpoint.safe_load``), so a file needing
+anything else is refused and nothing from it runs.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 
 import torch
 
+from mks2.checkpoint.safe_load import safe_load, safe_torch_load
 from mks2.checkpoint.tensors import DEFAULT_REFRESH_BYTES, TensorSource, TensorSpec
 
 _ZERO3_FILE = re.compile(r"zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt$")
@@ -83,14 +86,14 @@ class ZeroSource(TensorSource):
     def _open(self) -> None:
         from deepspeed.utils import zero_to_fp32 as z
 
-        with mmap_torch_load(), quiet():
+        with mmap_torch_load(), safe_torch_load(), quiet():
             self._model_files = z.get_model_state_files(str(self.dir))
             self._states = z.parse_model_states(self._model_files)
             self._lazy = z.get_fp32_state_dict_from_zero_checkpoint(
                 str(self.dir.parent), tag=self.dir.name, exclude_frozen_parameters=True, lazy_mode=True
             )
             if not hasattr(self, "_module_order"):  # every name, in the module's order (first opening only)
-                module = torch.load(self._model_files[0], map_location="cpu", weights_only=True).get("module") or {}
+                module = safe_load(self._model_files[0], map_location="cpu").get("module") or {}
                 self._module_order = list(module)
                 del module
 

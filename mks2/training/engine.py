@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mks2.checkpoint import install_safe_checkpoint_engine
 from mks2.config import Offload, ParallelMode, RunConfig, to_dict
 from mks2.model.dtypes import torch_dtype
 from mks2.training import distributed
@@ -184,6 +185,7 @@ def _build_zero3(cfg: RunConfig, task: StageTask, ds_config: dict, dtype: torch.
         lr_scheduler=lambda opt: build_scheduler(opt, cfg.train),
         dist_init_required=False,
     )
+    install_safe_checkpoint_engine(engine)  # every checkpoint file DeepSpeed loads: weights only
     dp_group = dist.group.WORLD  # never None: None would mean "the world" to torch.distributed anyway
     task.dp_group = dp_group
     return TrainingEngine(
@@ -247,6 +249,7 @@ def _build_pipeline(
         lr_scheduler=lambda opt: build_scheduler(opt, cfg.train),
         dist_init_required=False,
     )
+    install_safe_checkpoint_engine(engine)  # every checkpoint file DeepSpeed loads: weights only
     grid = engine.grid
     dp_group = grid.get_data_parallel_group()  # a size-1 group when there is one replica: gathers are no-ops
     task.dp_group = dp_group

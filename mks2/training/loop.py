@@ -96,9 +96,10 @@ class Trainer:
             return
         path = self.save_dir / tag
         trainer_state, _ = ckpt.read_meta(path)
-        load_path, _ = self.engine.load_checkpoint(
-            str(self.save_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+        with ckpt.safe_torch_load():  # DeepSpeed readers that bypass its checkpoint engine, too
+            load_path, _ = self.engine.load_checkpoint(
+                str(self.save_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
         if load_path is None:
             raise ckpt.CheckpointError(f"DeepSpeed could not load {path}")
         rank_state = ckpt.load_rank_state(path, self.rank)
@@ -297,6 +298,7 @@ def plan_resume(cfg: RunConfig, world_size: int) -> str | None:
         try:
             found = ckpt.find_resume(cfg.train.save_dir, str(cfg.train.resume))
             if found is not None:
+                ckpt.check_checkpoint_files(found.path)  # no .pt needing code outside the allow-list
                 trainer_state, saved_cfg = ckpt.read_meta(found.path)
                 problems = ckpt.shape_changes(saved_cfg, resolved_config(cfg))
                 saved_run, now = trainer_state.get("run", {}), run_layout(cfg, world_size)
