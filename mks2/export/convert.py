@@ -143,13 +143,11 @@ def write_hf_directory(
     special = tokenizer.get("special") or {}
     files = list(tokenizer["files"]) + list(weights["files"])
     bundle = {}
+    (out / "generation_config.json").write_text(generation_config_json(special, use_cache=True))
     if fmt == ExportFormat.LLAMA:
         (out / "config.json").write_text(llama_config_json(ecfg, special))
-        (out / "generation_config.json").write_text(generation_config_json(special, use_cache=True))
     else:
         (out / "config.json").write_text(mks2_config_json(ecfg, special))
-        # No key/value cache in the bundled model: generate() must not try to build one.
-        (out / "generation_config.json").write_text(generation_config_json(special, use_cache=False))
         bundle = write_bundle(out)
         files += list(bundle) + copy_vision_files(cfg, out)
     files += ["config.json", "generation_config.json"]

@@ -13,12 +13,19 @@ and shared by all layers.
   boolean mask [B, 1, S, S]. Padding query rows are allowed to see themselves only, so no row is fully
   masked (a fully masked row gives NaN in SDPA); their outputs are never used.
 - ``eager``: explicit fp32 softmax(QK^T / sqrt(d)) V with the same mask, for debugging and tests.
+
+Generation with a key/value cache (:func:`build_cached_attention_context`): the queries are the q new
+tokens of each row, the keys every token so far (past + q); ``key_mask`` [B, past + q] marks the
+real tokens (HF's 2-D ``attention_mask``, left padding). The cache is any object with
+transformers' ``Cache`` interface (``update(k, v, layer_idx)``, ``get_seq_length()``), e.g.
+``transformers.DynamicCache``; this module never imports transformers.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -76,15 +83,31 @@ class VarlenLayout:
     max_seqlen: int
 
 
+class KVCache(Protocol):
+    """What attention needs of a key/value cache (transformers' ``Cache``/``DynamicCache`` satisfy it)."""
+
+    def get_seq_length(self, layer_idx: int = 0) -> int: ...
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k/v [B, Hkv, q, hd] of layer ``layer_idx``; return all of them [B, Hkv, past + q, hd]."""
+        ...
+
+
 @dataclass
 class AttentionContext:
     """Per-forward attention inputs shared by every layer."""
 
     backend: str  # flash | sdpa | eager
-    cos: torch.Tensor  # [B, S, hd] in the activation dtype
+    cos: torch.Tensor  # [B, S, hd] in the activation dtype (S = the query tokens)
     sin: torch.Tensor  # [B, S, hd]
-    mask: torch.Tensor | None = None  # [B, 1, S, S] bool, True = may attend; None = plain causal
+    mask: torch.Tensor | None = None  # [B, 1, S, K] bool, True = may attend; None = no mask (see causal)
     varlen: VarlenLayout | None = None  # flash with padding/packing
+    # Without a mask: whether the queries are causal among themselves (False: q = 1 new token that sees
+    # every cached key). Flash aligns its causal mask bottom-right, so q new tokens over K keys work too.
+    causal: bool = True
+    cache: KVCache | None = None  # generation: keys/values of the earlier tokens, extended by every layer
 
 
 def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
@@ -141,6 +164,53 @@ def build_attention_context(
     return ctx
 
 
+def cached_mask(key_mask: torch.Tensor, past: int) -> torch.Tensor:
+    """Mask [B, 1, q, past + q] (True = may attend) of q new tokens over all keys from ``key_mask``
+    [B, past + q] (True = real token). Same rule as :func:`segment_mask` for one segment per row: a
+    real query sees the real keys up to itself; a padding query sees only itself (finite softmax)."""
+    total = key_mask.shape[1]
+    q = total - past
+    key_pos = torch.arange(total, device=key_mask.device)
+    query_pos = key_pos[past:]
+    causal = key_pos[None, :] <= query_pos[:, None]  # [q, K]
+    eye = key_pos[None, :] == query_pos[:, None]  # [q, K]
+    real_q = key_mask[:, past:, None]  # [B, q, 1]
+    allowed = causal[None] & key_mask[:, None, :] & real_q  # [B, q, K]
+    assert allowed.shape[1] == q
+    return (allowed | eye[None])[:, None]
+
+
+def build_cached_attention_context(
+    *,
+    position_ids: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    cache: KVCache,
+    rotary: RotaryEmbedding,
+    dtype: torch.dtype,
+    backend: str = "auto",
+) -> AttentionContext:
+    """Context for q new tokens per row (``position_ids`` [B, q]) over ``cache`` (past tokens) and
+    themselves; ``key_mask`` [B, past + q] bool (True = real) or None (no padding).
+
+    Without padding the mask is skipped (one new token sees every key; a prefill is plain causal);
+    with padding it is :func:`cached_mask` and flash falls back to SDPA (no varlen plan over a cache).
+    """
+    kind = resolve_backend(backend, position_ids.device, dtype)
+    cos, sin = rotary(position_ids, dtype)
+    past, q = cache.get_seq_length(), position_ids.shape[1]
+    if key_mask is not None and bool(key_mask.all()):
+        key_mask = None
+    ctx = AttentionContext(backend=kind, cos=cos, sin=sin, cache=cache, causal=q > 1)
+    if key_mask is None and kind != "eager" and (q == 1 or past == 0):
+        return ctx
+    if key_mask is None:
+        key_mask = torch.ones(position_ids.shape[0], past + q, dtype=torch.bool, device=position_ids.device)
+    ctx.mask = cached_mask(key_mask, past)
+    if kind == "flash":
+        ctx.backend = "sdpa"
+    return ctx
+
+
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     """[B, Hkv, S, hd] -> [B, Hkv*groups, S, hd] (each kv head serves `groups` query heads)."""
     if groups == 1:
@@ -150,13 +220,14 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-    """q [B, S, H, hd], k/v [B, S, Hkv, hd] -> [B, S, H, hd], causal within segments."""
+    """q [B, S, H, hd], k/v [B, K, Hkv, hd] -> [B, S, H, hd], causal within segments (K = S without a
+    cache; K = past + S with one)."""
     b, s, h, d = q.shape
     groups = h // k.shape[2]
     if ctx.backend == "flash":
         flash_func, flash_varlen = _flash_attn()
         if ctx.varlen is None:
-            return flash_func(q, k, v, causal=True)
+            return flash_func(q, k, v, causal=ctx.causal)
         lay = ctx.varlen
         qf, kf, vf = (t.reshape(b * s, t.shape[2], d).index_select(0, lay.indices) for t in (q, k, v))
         of = flash_varlen(
@@ -170,16 +241,17 @@ def attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Att
     if ctx.backend == "sdpa":
         if _SDPA_HAS_GQA:
             out = F.scaled_dot_product_attention(
-                qt, kt, vt, attn_mask=ctx.mask, is_causal=ctx.mask is None, enable_gqa=groups > 1
+                qt, kt, vt, attn_mask=ctx.mask, is_causal=ctx.mask is None and ctx.causal, enable_gqa=groups > 1
             )
         else:  # older torch: materialise the repeated kv heads
             kt, vt = _repeat_kv(kt, groups), _repeat_kv(vt, groups)
-            out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=ctx.mask, is_causal=ctx.mask is None)
+            causal = ctx.mask is None and ctx.causal
+            out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=ctx.mask, is_causal=causal)
         return out.transpose(1, 2)
 
     assert ctx.backend == "eager" and ctx.mask is not None, ctx.backend
     kt, vt = _repeat_kv(kt, groups), _repeat_kv(vt, groups)
-    scores = (qt.float() @ kt.float().transpose(-1, -2)) * d**-0.5  # [B, H, S, S] fp32
+    scores = (qt.float() @ kt.float().transpose(-1, -2)) * d**-0.5  # [B, H, S, K] fp32
     scores = scores.masked_fill(~ctx.mask, float("-inf"))
     probs = scores.softmax(dim=-1).to(vt.dtype)
     return (probs @ vt).transpose(1, 2)
@@ -198,9 +270,12 @@ class Attention(nn.Module):
         dtype: torch.dtype | None = None,
         init: bool = True,
         lora: dict[str, LoRASpec] | None = None,
+        layer_idx: int = 0,
     ):
-        """``lora`` maps projection names (q_proj, k_proj, v_proj, o_proj) to the adapter they get."""
+        """``lora`` maps projection names (q_proj, k_proj, v_proj, o_proj) to the adapter they get;
+        ``layer_idx`` is this layer's slot in a key/value cache."""
         super().__init__()
+        self.layer_idx = layer_idx
         assert hidden_size % num_heads == 0 and num_heads % num_kv_heads == 0
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -219,5 +294,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        if ctx.cache is not None:  # generation: attend over the cached tokens too
+            kt, vt = ctx.cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)  # [B, Hkv, K, hd]
+            k, v = kt.transpose(1, 2), vt.transpose(1, 2)  # [B, K, Hkv, hd] views, no copy
         out = attention_kernel(q, k, v, ctx)  # [B, S, H, hd]
         return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))

@@ -27,6 +27,7 @@ from mks2.model.rope import RotaryEmbedding
 
 ATTENTION_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
+
 def rotary_from_config(m: ModelConfig) -> RotaryEmbedding:
     return RotaryEmbedding(
         head_dim=m.hidden_size // m.num_heads,
@@ -96,6 +97,7 @@ class DecoderLayer(nn.Module):
             dtype=dtype,
             init=init,
             lora={t: lora for t in ATTENTION_LORA_TARGETS if t in targets},
+            layer_idx=layer_idx,
         )
         self.post_attention_layernorm = RMSNorm(d, eps=m.rms_norm_eps, dtype=dtype)
         self.mlp = SwiGLU(d, inter, dtype=dtype, init=init, lora=lora if "mlp" in targets else None)

@@ -24,6 +24,11 @@ LayerSpecs are built in ``mks2.training.pipeline``; everything a pipeline layer 
 
 The fused forward below does exactly 1 -> 2 -> 3 but builds the attention context (cos/sin, mask
 or flash-attn unpadding plan) once for all layers.
+
+Generation: ``forward(new_ids, attention_mask=mask over all tokens so far, past_key_values=cache)``
+runs only the new tokens, attending over the cache (any transformers ``Cache``, see
+``mks2.model.attention.KVCache``); image prefixes are spliced at prefill, when their placeholders are
+among the new tokens. Positions count the real tokens of a left-padded row, as without the cache.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mks2.config.schema import ModelConfig, Stage, VisionKind
 from mks2.constants import IGNORE_INDEX
-from mks2.model.attention import build_attention_context
+from mks2.model.attention import AttentionContext, KVCache, build_attention_context, build_cached_attention_context
 from mks2.model.decoder import DecoderLayer, rotary_from_config
 from mks2.model.dtypes import torch_dtype
 from mks2.model.layers import INIT_STD, Linear, RMSNorm
@@ -134,6 +139,27 @@ def prepare_positions(
     elif position_ids.shape != (b, s):
         raise ValueError(f"position_ids: expected shape {(b, s)}, got {tuple(position_ids.shape)}")
     return position_ids, seg
+
+
+def cached_positions(
+    input_ids: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Position ids [B, q] of q new tokens after the cached ones, and the key mask [B, past + q] bool.
+
+    A real token's position is the number of real tokens before it (``prepare_positions``' rule for one
+    segment per row: left padding shifts nothing); padding gets 0."""
+    b, q = input_ids.shape
+    past = cache.get_seq_length()
+    if attention_mask is None:
+        return torch.arange(past, past + q, device=input_ids.device).expand(b, q), None
+    if attention_mask.shape != (b, past + q):
+        raise ValueError(
+            f"attention_mask: expected shape {(b, past + q)} (cached {past} + new {q} tokens), "
+            f"got {tuple(attention_mask.shape)}"
+        )
+    key_mask = attention_mask != 0
+    positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # [B, q]
+    return positions, key_mask
 
 
 def embed_inputs(
@@ -295,24 +321,33 @@ class MKS2ForCausalLM(nn.Module):
         vision_features: torch.Tensor | None = None,
         *,
         return_logits: bool = True,
+        past_key_values: KVCache | None = None,
+        logits_to_keep: int = 0,
     ) -> MKS2Output:
         """See the batch contract: input_ids [B, S]; attention_mask (0/1) and/or segment_ids (0 = pad,
         k = k-th packed document) [B, S]; labels [B, S] (-100 ignored, the model shifts);
         pixel_values [N, 3, H, W] or vision_features [N, P, F] for the N images of the batch.
-        ``return_logits=False`` skips the vocabulary projection (e.g. the stage-1 retrieval pass)."""
+        ``return_logits=False`` skips the vocabulary projection (e.g. the stage-1 retrieval pass).
+        ``past_key_values``: a key/value cache (generation, see module docstring; extended in place),
+        then ``attention_mask`` covers the cached tokens too. ``logits_to_keep`` > 0: logits of the last
+        that many positions only (generation needs one)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected [B, S], got shape {tuple(input_ids.shape)}")
         hidden = self.embed(input_ids, pixel_values, vision_features)  # [B, S, D]
-        position_ids, segment_ids = prepare_positions(
-            input_ids, attention_mask=attention_mask, segment_ids=segment_ids, position_ids=position_ids
-        )
-        ctx = build_attention_context(
-            position_ids=position_ids,
-            segment_ids=segment_ids,
-            rotary=self.model.rotary_emb,
-            dtype=hidden.dtype,
-            backend=getattr(self.config.attention, "value", self.config.attention),
-        )
+        if past_key_values is not None:
+            ctx, position_ids = self._cached_context(input_ids, hidden, attention_mask, position_ids, segment_ids,
+                                                     past_key_values)  # fmt: skip
+        else:
+            position_ids, segment_ids = prepare_positions(
+                input_ids, attention_mask=attention_mask, segment_ids=segment_ids, position_ids=position_ids
+            )
+            ctx = build_attention_context(
+                position_ids=position_ids,
+                segment_ids=segment_ids,
+                rotary=self.model.rotary_emb,
+                dtype=hidden.dtype,
+                backend=getattr(self.config.attention, "value", self.config.attention),
+            )
         gates: dict[int, torch.Tensor] = {}
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -327,13 +362,42 @@ class MKS2ForCausalLM(nn.Module):
         aux: dict[str, Any] = {}
         if gates:
             aux["gates"] = gates
-        if return_logits or labels is not None:
+        if labels is not None:
             logits = self.lm_head(hidden)  # [B, S, V]
+        elif return_logits:
+            logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)  # [B, S or k, V]
         if labels is not None:
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels: expected shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
             loss, aux["num_loss_tokens"] = causal_lm_loss(logits, labels, segment_ids)
         return MKS2Output(loss=loss, logits=logits, hidden_states=hidden, aux=aux)
+
+    def _cached_context(
+        self,
+        input_ids: torch.Tensor,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        segment_ids: torch.Tensor | None,
+        cache: KVCache,
+    ) -> tuple[AttentionContext, torch.Tensor]:
+        if segment_ids is not None:
+            raise ValueError("segment_ids (packed rows) cannot be combined with past_key_values (generation)")
+        positions, key_mask = cached_positions(input_ids, cache, attention_mask)
+        if position_ids is not None:
+            if position_ids.shape != input_ids.shape:
+                raise ValueError(f"position_ids: expected shape {tuple(input_ids.shape)}, "
+                                 f"got {tuple(position_ids.shape)}")  # fmt: skip
+            positions = position_ids
+        ctx = build_cached_attention_context(
+            position_ids=positions,
+            key_mask=key_mask,
+            cache=cache,
+            rotary=self.model.rotary_emb,
+            dtype=hidden.dtype,
+            backend=getattr(self.config.attention, "value", self.config.attention),
+        )
+        return ctx, positions
 
     # ---- stage-1 retrieval ----------------------------------------------------------------------
 

@@ -6,8 +6,10 @@ The network is the package's own ``MKS2ForCausalLM`` (bundled next to this file,
 present) ARE the core model's modules, so parameter names equal the training names and the core's
 ``forward`` runs on the loaded weights.
 
-Generation recomputes the whole prefix at every step (no key/value cache): correct for every stage
-(MoME gates, image prefixes, packed or padded rows), quadratic in the generated length.
+Generation uses a key/value cache (transformers' ``DynamicCache``, created by ``generate()``): the
+prompt, image prefixes included, is encoded once at prefill, then each step runs one token per row
+over the cache, the core's own cached path (``MKS2ForCausalLM.forward(past_key_values=...)``) for
+every stage (MVM, MoME routers and LoRA). ``use_cache=False`` recomputes the whole sequence per step.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mks2.config.schema import VisionKind
@@ -52,6 +54,7 @@ class MKS2LlamaForCausalLM(PreTrainedModel, GenerationMixin):
     # BLIP-2's Q-Former and query tokens are kept in fp32 by the vision front-end whatever the dtype.
     _keep_in_fp32_modules = ["qformer", "query_tokens"]
     _supports_sdpa = True
+    _supports_cache_class = True
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # only when config.tie_word_embeddings
 
     def __init__(self, config: MKS2LlamaConfig):
@@ -112,9 +115,15 @@ class MKS2LlamaForCausalLM(PreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        """input_ids [B, S] -> logits [B, S, V] (the last ``logits_to_keep`` positions when > 0)."""
+        """input_ids [B, S] -> logits [B, S, V] (the last ``logits_to_keep`` positions when > 0).
+
+        With ``past_key_values`` (or ``use_cache`` and none yet) ``input_ids`` are the new tokens and
+        ``attention_mask`` [B, past + S] covers the cached ones too; the cache is returned extended."""
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("MKS2LlamaForCausalLM takes input_ids (inputs_embeds are not supported)")
+        use_cache = bool(getattr(self.config, "use_cache", False)) if use_cache is None else use_cache
+        if past_key_values is None and use_cache and labels is None and segment_ids is None:
+            past_key_values = DynamicCache(config=self.config)
         out = self.core(
             input_ids,
             attention_mask=attention_mask,
@@ -123,22 +132,23 @@ class MKS2LlamaForCausalLM(PreTrainedModel, GenerationMixin):
             segment_ids=segment_ids,
             pixel_values=pixel_values,
             vision_features=vision_features,
+            past_key_values=past_key_values,
+            logits_to_keep=logits_to_keep if labels is None else 0,
         )
         logits = out.logits if not logits_to_keep else out.logits[:, -logits_to_keep:]
-        return CausalLMOutputWithPast(loss=out.loss, logits=logits)
+        return CausalLMOutputWithPast(loss=out.loss, logits=logits, past_key_values=past_key_values)
 
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
         vision_features: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
         **kwargs: Any,
     ) -> dict[str, Any]:
-        # No cache: every step sees the whole sequence, images included (their placeholders stay in it).
-        inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if pixel_values is not None:
-            inputs["pixel_values"] = pixel_values
-        if vision_features is not None:
+        # transformers slices the new tokens and drops pixel_values after the prefill (when caching);
+        # vision_features (pre-computed image features) follow the same rule: the prefix is in the
+        # cache from the first step on. Without a cache every step re-reads the whole sequence.
+        inputs = super().prepare_inputs_for_generation(input_ids, is_first_iteration=is_first_iteration, **kwargs)
+        if vision_features is not None and (is_first_iteration or not kwargs.get("use_cache", True)):
             inputs["vision_features"] = vision_features
         return inputs
