@@ -16,6 +16,7 @@ from typing import Any
 
 from mks2.config import ConfigError, Offload, ParallelMode, Precision, RunConfig, ds_template
 from mks2.training.batch import grad_accumulation_steps
+from mks2.training.ds_template_keys import unknown_template_keys
 
 
 def template_path(cfg: RunConfig) -> Path:
@@ -37,6 +38,9 @@ def load_template(path: Path) -> dict[str, Any]:
         raise ConfigError([f"parallel.ds_config: {path}: invalid JSON at line {exc.lineno}: {exc.msg}"]) from exc
     if not isinstance(data, dict):
         raise ConfigError([f"parallel.ds_config: {path}: top level must be a JSON object"])
+    problems = unknown_template_keys(data, str(path))
+    if problems:
+        raise ConfigError(problems, source=str(path))
     return data
 
 
@@ -128,4 +132,8 @@ def build_ds_config(
     put(tb, "enabled", bool(t.tensorboard), "tensorboard.enabled")
     put(tb, "output_path", str(Path(t.save_dir) / "tensorboard"), "tensorboard.output_path")
     tb.setdefault("job_name", f"stage_{cfg.model.stage.value}")
+    csv = ds.setdefault("csv_monitor", {})
+    put(csv, "enabled", bool(t.csv), "csv_monitor.enabled")
+    put(csv, "output_path", str(Path(t.save_dir) / "csv"), "csv_monitor.output_path")
+    csv.setdefault("job_name", f"stage_{cfg.model.stage.value}")
     return ds, notes
