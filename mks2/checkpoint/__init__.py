@@ -28,6 +28,7 @@ Modules (each one job; the package imports config and model, never training or e
 - ``find``: the one ``find`` (save_dir or checkpoint directory + tag -> a complete checkpoint), with
   ``find_resume`` (``train.resume``'s none/auto/require policy) and ``find_checkpoint`` (+ metadata);
 - ``rank_state`` / ``writer``: what the trainer saves per rank, and rank 0's marker, ``latest``, retention;
+- ``run_lock``: ``SaveDirLock``, one run per ``train.save_dir`` (clears incomplete checkpoints of dead runs);
 - ``safe_load``: weights-only loading with DeepSpeed's allow-list (``safe_load``, ``safe_torch_load``,
   ``check_checkpoint_files``, the engine's ``install_safe_checkpoint_engine``);
 - ``tensors``: ``TensorSpec`` (shape + dtype), the ``TensorSource`` interface, ``ModuleSource``;
@@ -55,6 +56,7 @@ from mks2.checkpoint.layout import (
 )
 from mks2.checkpoint.metadata import TrainingCheckpoint, read_meta, write_meta
 from mks2.checkpoint.rank_state import load_rank_state, save_rank_state, set_rng_state
+from mks2.checkpoint.run_lock import SaveDirBusyError, SaveDirLock
 from mks2.checkpoint.safe_load import (
     UnsafeCheckpointError,
     check_checkpoint_files,
@@ -76,6 +78,8 @@ __all__ = [
     "PipelineLayoutError",
     "TensorSource",
     "TensorSpec",
+    "SaveDirBusyError",
+    "SaveDirLock",
     "TrainingCheckpoint",
     "UnsafeCheckpointError",
     "build_empty_model",

@@ -14,6 +14,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -289,6 +290,38 @@ def run_layout(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     }
 
 
+def decided_on_rank0(decide: Callable[[], Any]) -> Any:
+    """Run ``decide`` on rank 0 only; every rank returns its result, or raises the same
+    CheckpointError it raised (so no rank waits forever on a rank that failed)."""
+    answer: list[Any] = [None]
+    if distributed.rank() == 0:
+        try:
+            answer[0] = ("ok", decide())
+        except ckpt.CheckpointError as exc:
+            answer[0] = ("error", str(exc))
+    if dist.is_initialized():
+        dist.broadcast_object_list(answer, src=0)
+    kind, value = answer[0]
+    if kind == "error":
+        raise ckpt.CheckpointError(value)
+    return value
+
+
+def claim_save_dir(cfg: RunConfig) -> ckpt.SaveDirLock | None:
+    """Rank 0 takes ``train.save_dir``'s run lock (held until released) and removes incomplete
+    checkpoints of dead runs; a busy save_dir is refused on every rank. The lock on rank 0, else None."""
+    held: list[ckpt.SaveDirLock] = []
+
+    def take() -> None:
+        lock = ckpt.SaveDirLock(cfg.train.save_dir).acquire()
+        held.append(lock)
+        for note in lock.warnings:
+            log.warning(note)
+
+    decided_on_rank0(take)
+    return held[0] if held else None
+
+
 def plan_resume(cfg: RunConfig, world_size: int) -> str | None:
     """Resolve ``train.resume`` to a checkpoint tag (None: fresh start) and check that this run can
     continue it -- same model shape, parallel mode and layout -- BEFORE any engine is built. Rank 0
@@ -335,13 +368,18 @@ def run_training(cfg: RunConfig, task: StageTask) -> str:
     """Everything after the config is loaded: distributed start-up, checks, engine, resume, loop."""
     distributed.init_distributed()
     preflight(cfg, task, distributed.world_size())
-    tag = plan_resume(cfg, distributed.world_size())
-    built = build_engine(cfg, task)
-    if distributed.rank() == 0:
-        print(built.summary, flush=True)
-    trainer = Trainer(cfg, task, built)
-    trainer.resume(tag)
-    outcome = trainer.fit()
+    lock = claim_save_dir(cfg)  # before anything reads or writes train.save_dir
+    try:
+        tag = plan_resume(cfg, distributed.world_size())
+        built = build_engine(cfg, task)
+        if distributed.rank() == 0:
+            print(built.summary, flush=True)
+        trainer = Trainer(cfg, task, built)
+        trainer.resume(tag)
+        outcome = trainer.fit()
+    finally:
+        if lock is not None:
+            lock.release()
     if outcome == "done" and distributed.rank() == 0:
         log.info("training finished at step %d; checkpoint %s", trainer.state.step, trainer.last_saved)
     return outcome
