@@ -51,6 +51,7 @@ from mks2.checkpoint.layout import (
     CheckpointDir,
     list_checkpoints,
     rank_file,
+    resume_changes,
     shape_changes,
     tag_for,
 )
@@ -98,6 +99,7 @@ __all__ = [
     "safe_load",
     "safe_torch_load",
     "read_meta",
+    "resume_changes",
     "save_rank_state",
     "set_rng_state",
     "shape_changes",

@@ -41,6 +41,11 @@ SHAPE_KEYS = (
 )
 
 
+# Run-config keys that fix the order of the data: a resume with another value would neither continue
+# the saved sampler position nor start a fresh order cleanly.
+DATA_ORDER_KEYS = ("train.seed",)
+
+
 def tag_for(step: int) -> str:
     """Directory name of the checkpoint saved after optimizer step ``step``."""
     return f"step_{step:08d}"
@@ -116,4 +121,14 @@ def shape_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
             b = b if b is not None else dotted_get(current, "model.num_heads")
         if a != b:
             out.append(f"{key}: checkpoint {a!r}, now {b!r}")
+    return out
+
+
+def resume_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """:func:`shape_changes` plus the data-order keys (``train.seed``) that differ: what forbids a resume."""
+    out = shape_changes(saved, current)
+    for key in DATA_ORDER_KEYS:
+        a, b = dotted_get(saved, key), dotted_get(current, key)
+        if a != b:
+            out.append(f"{key}: checkpoint {a!r}, now {b!r} (the saved data order depends on it)")
     return out

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from mks2.data.errors import DataError
 from mks2.data.permutation import FeistelPermutation, seed_words, uniform01
 
 Unit = tuple[tuple[int, int], ...]  # ((dataset, index), ...) -- the samples of one row
@@ -231,8 +232,9 @@ class DistributedSampler:
         if state.get("version") not in (1, STATE_VERSION):  # version 1: checkpoints written before 2
             raise ValueError(f"unknown sampler state version {state.get('version')!r}")
         if state.get("seed") != self.units.stream.seed:
-            raise ValueError(
-                f"sampler state was saved with seed {state.get('seed')}, this run uses {self.units.stream.seed}"
+            raise DataError(
+                f"sampler state was saved with seed {state.get('seed')}, this run uses {self.units.stream.seed} "
+                "(train.seed must stay the same on resume)"
             )
         self.units.stream.load_state_dict(state["stream"])  # validates dataset sizes
         self._committed = self.units.stream.state_dict()

@@ -2,13 +2,15 @@
 
 ``init_distributed`` works under ``deepspeed``, ``torchrun`` (env vars already set), ``mpirun``
 (mpi4py discovery inside DeepSpeed) and Slurm's ``srun`` (SLURM_* variables mapped to the torch
-ones), and for a plain ``python script.py`` (a world of one). On a machine without a GPU DeepSpeed
-selects its CPU accelerator and we use gloo.
+ones), and for a plain ``python script.py`` (a world of one: no MPI discovery, a free port). A busy
+default port (29500) is replaced by a free one for a plain run and under mpirun. On a machine without
+a GPU DeepSpeed selects its CPU accelerator and we use gloo.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from datetime import timedelta
 
@@ -46,6 +48,55 @@ def map_slurm_env() -> bool:
     return True
 
 
+DEFAULT_PORT = 29500
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port(preferred: int = DEFAULT_PORT) -> int:
+    """``preferred`` if nothing listens on it here, else a port the OS hands out as free."""
+    if _port_is_free(preferred):
+        return preferred
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def launcher_kind() -> str:
+    """``torch`` (torch env vars set: deepspeed/torchrun, or srun once mapped), ``mpi`` or ``none``."""
+    if all(v in os.environ for v in ("RANK", "WORLD_SIZE")):
+        return "torch"
+    if any(v in os.environ for v in _MPI_RANK_VARS):
+        return "mpi"
+    return "none"
+
+
+def set_single_process_env() -> None:
+    """A plain ``python script.py``: a world of one on this host, no MPI discovery (DeepSpeed's would
+    need an MPI library), on a free port (``MASTER_PORT`` if set and free)."""
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(_free_port(int(os.environ.get("MASTER_PORT", DEFAULT_PORT))))
+
+
+def mpi_port() -> int:
+    """Under mpirun without ``MASTER_PORT``: rank 0 picks the default port if it is free on its host,
+    else a free one, and tells every rank (DeepSpeed's discovery would use 29500 regardless)."""
+    if "MASTER_PORT" in os.environ:
+        return int(os.environ["MASTER_PORT"])
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    return int(comm.bcast(_free_port() if comm.Get_rank() == 0 else None, root=0))
+
+
 def _skip_cpu_shm_build() -> None:
     """DeepSpeed JIT-compiles a shared-memory all-reduce op (about 100 s) when its CPU backend starts.
     That op serves only ``inference_all_reduce``; training collectives go through gloo. Skip the build
@@ -73,8 +124,15 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
         backend = "gloo"
         _skip_cpu_shm_build()
     map_slurm_env()
+    kind = launcher_kind()
+    if kind == "none":
+        set_single_process_env()
     deepspeed.init_distributed(
-        dist_backend=backend, auto_mpi_discovery=True, timeout=timedelta(minutes=timeout_minutes), verbose=False
+        dist_backend=backend,
+        auto_mpi_discovery=kind == "mpi",
+        distributed_port=mpi_port() if kind == "mpi" else DEFAULT_PORT,
+        timeout=timedelta(minutes=timeout_minutes),
+        verbose=False,
     )
     if accelerator.device_name() != "cpu":
         accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -333,7 +333,7 @@ def plan_resume(cfg: RunConfig, world_size: int) -> str | None:
             if found is not None:
                 ckpt.check_checkpoint_files(found.path)  # no .pt needing code outside the allow-list
                 trainer_state, saved_cfg = ckpt.read_meta(found.path)
-                problems = ckpt.shape_changes(saved_cfg, resolved_config(cfg))
+                problems = ckpt.resume_changes(saved_cfg, resolved_config(cfg))
                 saved_run, now = trainer_state.get("run", {}), run_layout(cfg, world_size)
                 problems += [
                     f"{k}: checkpoint {saved_run.get(k)!r}, now {v!r}" for k, v in now.items() if saved_run.get(k) != v
