@@ -23,6 +23,7 @@ import sys
 
 from mks2.config import bundled_config, load_config
 from mks2.training.cli import USER_ERRORS, report_error, setup_logging
+from mks2.training.run_log import logged_run
 
 DEMO_STAGE2_CONFIG = bundled_config("demo_stage2.yaml")  # configs/demo_stage2.yaml, shipped with the package
 
@@ -40,17 +41,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
     try:
-        from mks2.demo import resolve
-        from mks2.training import run_training
         from mks2.training.ablations import ablation_overrides, check_ablation
-        from mks2.training.stage2 import Stage2Task
 
-        presets = ablation_overrides(args.ablation)  # 1. the run config (+ preset), validated
+        presets = ablation_overrides(args.ablation)  # 1. the run config (+ preset), validated (before torch)
         cfg = load_config(args.config, [*presets, *args.overrides])
         check_ablation(args.ablation, cfg)
-        cfg = resolve(cfg)  # 2. demo:NAME datasets / tokenizer / vision tower -> real paths
-        task = Stage2Task(cfg)  # 3. stage-1 checkpoint: architecture + base; train.sft_data
-        run_training(cfg, task)  # 4. engine, resume, train, save
+        with logged_run(cfg.train.save_dir, sys.argv):  # <save_dir>/logs/: this start's log, any fatal error
+            from mks2.demo import resolve
+            from mks2.training import run_training
+            from mks2.training.stage2 import Stage2Task
+
+            cfg = resolve(cfg)  # 2. demo:NAME datasets / tokenizer / vision tower -> real paths
+            task = Stage2Task(cfg)  # 3. stage-1 checkpoint: architecture + base; train.sft_data
+            run_training(cfg, task)  # 4. paths checked, engine, resume, train, save
     except USER_ERRORS as exc:
         report_error(exc)
         return 1

@@ -17,6 +17,7 @@ import sys
 
 from mks2.config import load_config
 from mks2.training.cli import USER_ERRORS, report_error, setup_logging
+from mks2.training.run_log import logged_run
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -31,13 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
     try:
-        from mks2.demo import resolve
-        from mks2.training import run_training
-        from mks2.training.stage1 import Stage1Task
+        cfg = load_config(args.config, args.overrides)  # 1. the run config, validated (before torch loads)
+        with logged_run(cfg.train.save_dir, sys.argv):  # <save_dir>/logs/: this start's log, any fatal error
+            from mks2.demo import resolve
+            from mks2.training import run_training
+            from mks2.training.stage1 import Stage1Task
 
-        cfg = load_config(args.config, args.overrides)  # 1. the run config, validated
-        cfg = resolve(cfg)  # 2. demo:NAME datasets / tokenizer / vision tower -> real paths
-        run_training(cfg, Stage1Task(cfg))  # 3. engine, resume, train, save
+            cfg = resolve(cfg)  # 2. demo:NAME datasets / tokenizer / vision tower -> real paths
+            run_training(cfg, Stage1Task(cfg))  # 3. paths checked, engine, resume, train, save
     except USER_ERRORS as exc:
         report_error(exc)
         return 1

@@ -433,6 +433,17 @@ class TrainConfig:
     """Optimizer steps between progress-bar updates (metrics.jsonl always gets every step)."""
     tensorboard: bool = False
     """Write TensorBoard events (DeepSpeed's monitor) under ``<save_dir>/tensorboard``."""
+    csv: bool = False
+    """Write every metric as CSV files (DeepSpeed's ``csv_monitor``) under ``<save_dir>/csv``."""
+    wandb: bool = False
+    """Log every metric to Weights & Biases (rank 0; files under ``<save_dir>/wandb``). ``WANDB_MODE=offline``
+    (or ``wandb offline``) keeps the run on disk for a later ``wandb sync``; no network is needed then."""
+    wandb_project: str = "mks2"
+    """Weights & Biases project of the run."""
+    wandb_run_name: str = ""
+    """Weights & Biases run name; empty: the last component of ``train.save_dir``."""
+    wandb_entity: str = ""
+    """Weights & Biases entity (user or team); empty: your default entity."""
     eval_interval: int = 0
     """Optimizer steps between held-out evaluations on ``data.eval_datasets`` (stage 1: text-to-image
     retrieval top-1/top-5); 0 evaluates only at the end of training, -1 never."""

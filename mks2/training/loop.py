@@ -12,9 +12,9 @@ import copy
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,6 +27,8 @@ from mks2.training import distributed, faults
 from mks2.training.batch import check_world_size, data_parallel_size, pipeline_stages
 from mks2.training.engine import TrainingEngine, build_engine
 from mks2.training.metrics import MetricsLog, peak_flops_per_device, train_flops_per_position
+from mks2.training.monitoring import WandbRun, monitoring_problems
+from mks2.training.summary import check_resume_target, log_data_summary
 from mks2.training.task import StageTask
 
 log = logging.getLogger("mks2.training")
@@ -45,7 +47,7 @@ class TrainState:
 def preflight(cfg: RunConfig, task: StageTask, world_size: int) -> None:
     """Config problems that depend on the world size or the stage, as ONE ConfigError, before any
     DeepSpeed engine exists."""
-    problems = check_world_size(cfg, world_size) + task.check(cfg)
+    problems = check_world_size(cfg, world_size) + task.check(cfg) + monitoring_problems(cfg)
     if problems:
         raise ConfigError(problems, source=f"run config (world size {world_size})")
 
@@ -243,6 +245,7 @@ class Trainer:
         metrics = MetricsLog(
             self.save_dir, enabled=self.rank == 0, total_steps=cfg.max_steps, start_step=self.state.step,
             monitor=getattr(self.engine, "monitor", None), log_interval=cfg.log_interval,
+            wandb=WandbRun(self.cfg) if cfg.wandb and self.rank == 0 else None,
         )  # fmt: skip
         metrics.truncate_after(self.state.step)
         self.preempt.install()
@@ -371,9 +374,13 @@ def run_training(cfg: RunConfig, task: StageTask) -> str:
     lock = claim_save_dir(cfg)  # before anything reads or writes train.save_dir
     try:
         tag = plan_resume(cfg, distributed.world_size())
+        if check_resume_target(cfg, tag):  # already at train.max_steps: said so (and how to continue)
+            return "done"
+        if distributed.rank() == 0:
+            log_data_summary(cfg)
         built = build_engine(cfg, task)
         if distributed.rank() == 0:
-            print(built.summary, flush=True)
+            log.info("%s", built.summary)  # to the screen and <save_dir>/logs/train.log
         trainer = Trainer(cfg, task, built)
         trainer.resume(tag)
         outcome = trainer.fit()

@@ -1,10 +1,10 @@
 """Observability: ``metrics.jsonl`` (one object per optimizer step), the rank-0 progress bar,
-TensorBoard events through DeepSpeed's monitor, and the FLOPs / MFU estimate."""
+TensorBoard / CSV events through DeepSpeed's monitor, the W&B run (``mks2.training.monitoring``), and the
+FLOPs / MFU estimate."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -12,6 +12,11 @@ from typing import Any
 from tqdm import tqdm
 
 from mks2.fileio import atomic_write_text
+from mks2.training.monitoring import WandbRun, numeric_items
+from mks2.training.run_log import log_to_file
+from mks2.training.summary import time_estimate
+
+ESTIMATE_AFTER_STEPS = 5  # steps timed before the time-left estimate is printed
 
 # Dense peak TFLOP/s per device by (name fragment, precision); fp32 uses TF32 tensor cores.
 _PEAK_TFLOPS = {
@@ -49,7 +54,8 @@ def train_flops_per_position(llm_params: int, trainable_params: int, num_layers:
 
 
 class MetricsLog:
-    """Rank 0's ``<save_dir>/metrics.jsonl``, the tqdm bar and TensorBoard events."""
+    """Rank 0's ``<save_dir>/metrics.jsonl``, the tqdm bar, DeepSpeed's monitor (TensorBoard, CSV) and
+    the W&B run (``wandb``: a :class:`WandbRun`, or None)."""
 
     def __init__(
         self,
@@ -60,7 +66,11 @@ class MetricsLog:
         start_step: int,
         monitor: Any = None,
         log_interval: int = 1,
+        wandb: WandbRun | None = None,
     ):
+        self.wandb = wandb if enabled else None
+        self.total_steps = total_steps
+        self._step_times: list[float] = []  # the first steps of this start, for the time estimate
         self.log_interval = log_interval
         self.path = Path(save_dir) / "metrics.jsonl"
         self.enabled = enabled
@@ -92,14 +102,19 @@ class MetricsLog:
             f.write(json.dumps(record, allow_nan=True) + "\n")
         if self.monitor is not None:
             step = record["step"]
-            events = [
-                (f"Train/{k}", float(v), step)
-                for k, v in record.items()
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            ]
-            self.monitor.write_events(events)
+            self.monitor.write_events([(f"Train/{k}", v, step) for k, v in numeric_items(record).items()])
+        if self.wandb is not None:
+            self.wandb.log(record)
         self.bar.update(1)
+        if len(self._step_times) < ESTIMATE_AFTER_STEPS and "step_time_s" in record:
+            self._step_times.append(float(record["step_time_s"]))
+            left = self.total_steps - record["step"]
+            if len(self._step_times) == ESTIMATE_AFTER_STEPS and left > 0:
+                self.message(time_estimate(self._step_times, left))
         if record["step"] % self.log_interval == 0:
+            log_to_file(
+                f"step {record['step']}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in record.items() if k != "step")
+            )
             self.bar.set_postfix(
                 loss=_fmt(record.get("loss")),
                 tok_s=f"{record.get('tokens_per_s', 0):.0f}",
@@ -110,10 +125,13 @@ class MetricsLog:
     def message(self, text: str) -> None:
         if self.enabled:
             self.bar.write(text)
+            log_to_file(text)
 
     def close(self) -> None:
         self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def _fmt(x: Any) -> str:
-    return f"{x:.4f}" if isinstance(x, float) else str(x)
+    return f"{x:.4g}" if isinstance(x, float) else str(x)
