@@ -8,7 +8,8 @@ greedy generation, stage-1 text-to-image retrieval recall@1/5. Prints a summary,
     python tools/evaluate.py runs/demo_stage2 --mc demo:eval_mc --force-gates 1,0     # MLP expert only
 
 MODEL is a train.save_dir (newest complete checkpoint, or --tag), a step_XXXXXXXX directory, or a
-directory with config.json (HF export; MKS2 exports load with trust_remote_code). File arguments may be
+directory with config.json (HF export). Code an HF directory ships runs only with --trust-remote-code, or
+when it is an mks2 export whose bundled files match this package's sources (said so). File arguments may be
 demo world names (demo:eval_mc, demo:eval_mc_seen, demo:eval_open, demo:eval_open_seen, demo:eval_retrieval).
 Multiple-choice JSONL: {"question", "choices": [...], "answer": index} (+ optional "kind" for a breakdown).
 Open JSONL: {"question", "answer"} (+ optional "keywords"). Retrieval JSONL: {"image", "caption"}.
@@ -42,6 +43,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--cache-dir", default=None, help="demo world cache (default: the run's data.cache_dir)")
     p.add_argument("--output", default=None, help="JSON report path (default: <model>/eval_report.json)")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the Python code an HF model directory ships (an mks2 export whose code matches this package "
+        "is trusted without it)",
+    )
     return p.parse_args(argv)
 
 
@@ -80,8 +87,15 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--force-gates: expected comma-separated numbers, got {args.force_gates!r}") from exc
         template = None if args.chat_template == "none" else args.chat_template
         em = load_for_eval(
-            args.model, tag=args.tag, tokenizer=args.tokenizer, chat_template=template, device=args.device
+            args.model,
+            tag=args.tag,
+            tokenizer=args.tokenizer,
+            chat_template=template,
+            device=args.device,
+            trust_remote_code=args.trust_remote_code,
         )
+        if em.remote_code_note:
+            print(em.remote_code_note, file=sys.stderr, flush=True)
         cache = args.cache_dir or em.config.get("data", {}).get("cache_dir") or "~/.cache/mks2"
         tmpl = em.chat_template or "llama2"
         image_root = args.image_root

@@ -7,8 +7,8 @@ content:
 - a ``train.save_dir`` (its newest complete checkpoint, or ``tag``) or one ``step_XXXXXXXX`` directory:
   read through ``mks2.checkpoint.load_consolidated``; tokenizer and chat template from the run's config;
 - a directory with ``config.json`` (``tools/convert_to_hf.py`` output or any HF causal LM): loaded with
-  ``transformers.AutoModelForCausalLM`` (``trust_remote_code`` for MKS2 exports); tokenizer from the
-  directory unless given.
+  ``transformers.AutoModelForCausalLM`` (its bundled code only if trusted: ``mks2.eval.remote_code``);
+  tokenizer from the directory unless given.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from torch import nn
 
 from mks2 import checkpoint as ckpt
 from mks2.config import to_dict
+from mks2.eval.remote_code import decide_remote_code
 
 
 @dataclass
@@ -35,6 +36,7 @@ class EvalModel:
     source: str
     config: dict[str, Any] = field(default_factory=dict)  # the run's resolved config (training checkpoints)
     device: torch.device = torch.device("cpu")
+    remote_code_note: str | None = None  # whose code runs, for HF directories that ship code
 
     @property
     def pad_id(self) -> int:
@@ -77,13 +79,16 @@ def load_for_eval(
     tokenizer: str | None = None,
     chat_template: str | None = "auto",
     device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
 ) -> EvalModel:
     """Load ``path`` (see module docstring). ``chat_template``: ``auto`` (the run's, or llama2 for HF
-    exports), a template name, or None for plain prompts."""
+    exports), a template name, or None for plain prompts. An HF directory's own Python code runs only
+    with ``trust_remote_code`` or when it is this package's verified bundle (``mks2.eval.remote_code``)."""
     from mks2.data.tokenizer import load_tokenizer
 
     p = Path(path).expanduser()
     device = torch.device(device)
+    note: str | None = None
     if not p.exists():
         raise FileNotFoundError(f"model path not found: {p}")
     if is_training_checkpoint(p):
@@ -96,7 +101,9 @@ def load_for_eval(
     elif (p / "config.json").is_file():
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(p), trust_remote_code=True, dtype=torch.float32)
+        decision = decide_remote_code(p, trust_remote_code=trust_remote_code)  # before any of its code runs
+        note = decision.note
+        model = AutoModelForCausalLM.from_pretrained(str(p), trust_remote_code=decision.trust, dtype=torch.float32)
         tok_path = tokenizer or str(p)
         template = "llama2" if chat_template == "auto" else chat_template
         config = {}
@@ -115,4 +122,5 @@ def load_for_eval(
         source=str(p),
         config=config,
         device=device,
+        remote_code_note=note,
     )
