@@ -4,7 +4,9 @@ config, the tokenizer files.
 Tokenizer (from the run's ``data.tokenizer``): a sentencepiece model becomes ``tokenizer.model`` plus
 a ``tokenizer_config.json`` naming ``LlamaTokenizer`` (``transformers.LlamaTokenizer(vocab_file=...)``
 alone gives a broken 3-token tokenizer in transformers 5, DESIGN §5; ``AutoTokenizer`` on this
-directory loads it correctly). An HF tokenizer directory is copied as it is.
+directory loads it correctly). An HF tokenizer directory is copied. Either way ``tokenizer_config.json``
+carries the run's chat template (``data.chat_template`` as Jinja, ``mks2.export.chat_template``) and
+the model's real ``model_max_length`` (``model.max_position_embeddings``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from mks2.config import RunConfig, VisionKind, to_dict
 from mks2.data.tokenizer import HF_TOKENIZER_FILES
 from mks2.export.bundle import ENTRY_MODULES
+from mks2.export.chat_template import jinja_chat_template
 from mks2.model.decoder import torch_dtype
 
 VISION_SUBFOLDER = "vision"
@@ -151,15 +154,24 @@ def write_tokenizer(cfg: RunConfig, out: Path) -> dict[str, Any]:
     except Exception as exc:  # DataError naming the problem; say which setting it came from
         raise ValueError(f"data.tokenizer: cannot export the run's tokenizer: {exc}") from exc
     files: list[str] = []
+    chat_template = jinja_chat_template(cfg.data.chat_template)
     if src.is_dir() and (src / "tokenizer_config.json").is_file():
         for name in (*HF_TOKENIZER_FILES, "tokenizer.model"):
             if (src / name).is_file():
                 shutil.copyfile(src / name, out / name)
                 files.append(name)
+        # The model was trained with our template and context length, whatever the source tokenizer says.
+        config = json.loads((out / "tokenizer_config.json").read_text())
+        config.update(chat_template=chat_template, model_max_length=cfg.model.max_position_embeddings)
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if (out / "chat_template.jinja").exists():  # would take precedence over tokenizer_config.json's
+            (out / "chat_template.jinja").unlink()
+            files.remove("chat_template.jinja")
     else:
         model_file = src if src.is_file() else src / "tokenizer.model"
         shutil.copyfile(model_file, out / "tokenizer.model")
         config, special = _sentencepiece_config(model_file, cfg.model.max_position_embeddings)
+        config["chat_template"] = chat_template
         (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2, sort_keys=True) + "\n")
         files += ["tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"]

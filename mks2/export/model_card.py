@@ -26,15 +26,17 @@ def _usage(fmt: str, adapter: bool, vision: bool) -> str:
     text = (
         "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
         f'model = AutoModelForCausalLM.from_pretrained("THIS_DIR"{remote})\n'
-        'tokenizer = AutoTokenizer.from_pretrained("THIS_DIR")\n'
-        'ids = tokenizer("The capital of France is", return_tensors="pt").input_ids\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("THIS_DIR"{remote})\n'
+        'messages = [{"role": "user", "content": "What is the capital of France?"}]\n'
+        'ids = tokenizer.apply_chat_template(messages, return_tensors="pt", return_dict=True)["input_ids"]\n'
         "print(tokenizer.decode(model.generate(ids, max_new_tokens=20)[0]))\n```\n"
     )
     if fmt == "mks2":
         text += (
             "\nThe modeling code is the `mks2` package's own model code, bundled in this directory "
             "(`mks2_*.py`, each file names the package file and sha256 it was generated from). "
-            "`generate()` recomputes the whole prefix at each step (no key/value cache).\n"
+            "`generate()` uses a key/value cache (`DynamicCache`); the tokenizer carries the training chat "
+            "template (`apply_chat_template`).\n"
         )
     if vision:
         text += (

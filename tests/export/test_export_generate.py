@@ -19,10 +19,16 @@ ATOL = 1e-4  # fp32, per generated step
 EXPORTS = {
     # name: (config overrides, export options, has vision); stage mvm always has a vision front-end
     "mvm": (("model.stage=mvm", "model.mvm.placement=parallel"), {}, True),
-    "mome_lora": (("model.stage=mome", "model.mome.router_init_std=0.5", "model.lora.targets=[mlp,mvm,q_proj]"),
-                  {}, False),  # fmt: skip
-    "mome_merged": (("model.stage=mome", "model.mome.router_init_std=0.5", "model.lora.targets=[mlp,v_proj]"),
-                    {"merge_lora": True}, False),  # fmt: skip
+    "mome_lora": (
+        ("model.stage=mome", "model.mome.router_init_std=0.5", "model.lora.targets=[mlp,mvm,q_proj]"),
+        {},
+        False,
+    ),  # fmt: skip
+    "mome_merged": (
+        ("model.stage=mome", "model.mome.router_init_std=0.5", "model.lora.targets=[mlp,v_proj]"),
+        {"merge_lora": True},
+        False,
+    ),  # fmt: skip
     "mome_vision": (("model.stage=mome", "model.mome.router_init_std=0.5"), {}, True),
 }
 
