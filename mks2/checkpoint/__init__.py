@@ -42,7 +42,7 @@ from mks2.checkpoint.consolidated import (
     load_consolidated,
     open_consolidated,
 )
-from mks2.checkpoint.errors import CheckpointError, PipelineLayoutError
+from mks2.checkpoint.errors import CheckpointError, CheckpointWriteError, PipelineLayoutError
 from mks2.checkpoint.find import find, find_checkpoint, find_resume
 from mks2.checkpoint.layout import (
     CLIENT_DIR,
@@ -64,6 +64,7 @@ from mks2.checkpoint.safe_load import (
     install_safe_checkpoint_engine,
     safe_load,
     safe_torch_load,
+    write_failure,
 )
 from mks2.checkpoint.tensors import ModuleSource, TensorSource, TensorSpec, tensor_specs
 from mks2.checkpoint.writer import mark_complete, prune
@@ -74,6 +75,7 @@ __all__ = [
     "TAG_RE",
     "CheckpointDir",
     "CheckpointError",
+    "CheckpointWriteError",
     "ConsolidatedCheckpoint",
     "ModuleSource",
     "PipelineLayoutError",
@@ -104,6 +106,7 @@ __all__ = [
     "set_rng_state",
     "shape_changes",
     "tag_for",
+    "write_failure",
     "tensor_specs",
     "write_meta",
 ]

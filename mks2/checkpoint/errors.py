@@ -14,3 +14,8 @@ class CheckpointError(UserError, ValueError):
 class PipelineLayoutError(CheckpointError):
     """A pipeline checkpoint's layer files do not match the trainer's pipeline layout (names the file
     and the key)."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (a full disk, a lost mount): names the file, the free space
+    and the last complete checkpoint; the run stops on every rank."""

@@ -11,7 +11,9 @@ Every ``.pt`` the trainer reads or hands to DeepSpeed goes through this module i
   and type;
 - ``SafeTorchCheckpointEngine`` / ``install_safe_checkpoint_engine(engine)``: DeepSpeed's checkpoint
   engine with ``load`` replaced by ``safe_load``, put into a built engine (model, optimizer and
-  pipeline layer files all go through ``engine.checkpoint_engine.load``);
+  pipeline layer files all go through ``engine.checkpoint_engine.load``); its ``save`` records a
+  failed write (a full disk) in ``write_failures`` instead of raising in the middle of DeepSpeed's
+  collectives, so the trainer can stop every rank cleanly;
 - ``safe_torch_load()``: a context in which every ``torch.load`` call is ``safe_load`` (for DeepSpeed's
   readers that call ``torch.load`` themselves: ``zero_to_fp32``, the universal-checkpoint loaders).
 
@@ -118,8 +120,20 @@ def _safe_engine_class() -> type:
     class SafeTorchCheckpointEngine(TorchCheckpointEngine):
         """DeepSpeed's torch checkpoint engine; ``load`` is :func:`safe_load` (save is unchanged)."""
 
+        write_failures: list[str]
+
         def load(self, path: str, map_location: Any = None) -> Any:
             return safe_load(path, map_location=map_location)
+
+        def save(self, state_dict: Any, path: str) -> None:
+            # A failed write (full disk: torch raises RuntimeError "enforce fail at inline_container")
+            # is recorded, not raised: DeepSpeed's save has collectives after this call, and a rank that
+            # left early would leave the others waiting. The trainer checks the list after the save.
+            try:
+                super().save(state_dict, path)
+            except (OSError, RuntimeError) as exc:
+                Path(path).unlink(missing_ok=True)
+                self.write_failures.append(write_failure(path, exc))
 
     return SafeTorchCheckpointEngine
 
@@ -138,3 +152,22 @@ def install_safe_checkpoint_engine(engine: Any) -> None:
         )
     safe = _safe_engine_class()
     current.__class__ = safe  # same object (its settings stay), loads are weights-only from now on
+    current.write_failures = []
+    copy_scripts = getattr(engine, "_copy_recovery_script", None)
+    if copy_scripts is not None:  # rank 0 copies zero_to_fp32.py into every ZeRO checkpoint
+
+        def guarded_copy(save_path: str) -> None:
+            try:
+                copy_scripts(save_path)
+            except OSError as exc:
+                current.write_failures.append(write_failure(exc.filename or save_path, exc))
+
+        engine._copy_recovery_script = guarded_copy
+
+
+def write_failure(path: Any, exc: BaseException) -> str:
+    """``<file>: <reason>`` for a failed checkpoint write (torch's full-disk RuntimeError included)."""
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0]
+    if "enforce fail" in reason or "file write failed" in reason:
+        reason = f"write failed ({reason[:120]})"
+    return f"{path}: {reason}"

@@ -213,23 +213,51 @@ class Trainer:
         path = self.save_dir / tag
         if self.rank == 0 and path.exists() and not (path / ckpt.MARKER).exists():
             shutil.rmtree(path)  # debris of an interrupted save of this same step
+        if self.rank == 0:
+            warn_if_low_space(self.save_dir, self.last_saved)
         distributed.barrier()
+        engine_failures = self.engine.checkpoint_engine.write_failures  # filled by a failed write (full disk)
+        engine_failures.clear()
         self.engine.save_checkpoint(
             str(self.save_dir), tag=tag, client_state={"step": self.state.step}, save_latest=False
         )
-        loader_state = self.loader.state_dict() if self.loader is not None else None
-        ckpt.save_rank_state(path, self.rank, loader_state)
-        if self.rank == 0:
-            run = run_layout(self.cfg, distributed.world_size())
-            run.update(world_size=distributed.world_size(), stage=self.task.stage.value)
-            ckpt.write_meta(path, {"loop": asdict(self.state), "run": run}, self.te.resolved_config)
-        distributed.barrier()  # every rank's files are written
+        failures = list(engine_failures)
+        try:
+            loader_state = self.loader.state_dict() if self.loader is not None else None
+            ckpt.save_rank_state(path, self.rank, loader_state)
+            if self.rank == 0:
+                run = run_layout(self.cfg, distributed.world_size())
+                run.update(world_size=distributed.world_size(), stage=self.task.stage.value)
+                ckpt.write_meta(path, {"loop": asdict(self.state), "run": run}, self.te.resolved_config)
+        except (OSError, RuntimeError) as exc:
+            failures.append(ckpt.write_failure(getattr(exc, "filename", None) or path, exc))
+        self._stop_if_save_failed(path, failures)  # also the point where every rank's files are written
         if self.rank == 0:
             ckpt.mark_complete(self.save_dir, path)
             ckpt.prune(self.save_dir, self.cfg.train.keep_last)
         distributed.barrier()
         self.last_saved = tag
         return tag
+
+    def _stop_if_save_failed(self, path: Path, failures: list[str]) -> None:
+        """All ranks agree whether any rank failed to write checkpoint ``path``; if one did, the partial
+        directory is removed and every rank stops with one line (the failing rank names the file)."""
+        failed = torch.tensor([1.0 if failures else 0.0], device=self.te.device)
+        if dist.is_initialized():
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item() == 0:
+            return
+        free_mib = shutil.disk_usage(self.save_dir).free / 2**20  # at the failure, before the clean-up
+        if self.rank == 0:
+            shutil.rmtree(path, ignore_errors=True)  # every rank is past its writes (the all-reduce)
+        last = self.last_saved or "none (no checkpoint was saved yet)"
+        if not failures:
+            raise ckpt.CheckpointWriteError(f"checkpoint {path.name}: another rank could not write its files")
+        raise ckpt.CheckpointWriteError(
+            f"checkpoint {path.name} could not be written: {failures[0]} ({free_mib:.1f} MiB free in "
+            f"{self.save_dir}); the run stops at step {self.state.step}. Last complete checkpoint: {last} "
+            "(metrics.jsonl kept); free some space and start again to resume from it"
+        )
 
     # ---- the loop -----------------------------------------------------------------------------
 
@@ -282,6 +310,20 @@ class Trainer:
         finally:
             self.preempt.uninstall()
             metrics.close()
+
+
+def warn_if_low_space(save_dir: Path, last_saved: str | None) -> None:
+    """Warn when the filesystem of ``save_dir`` has less free space than the last checkpoint took (a
+    cheap estimate of what the next save needs)."""
+    if last_saved is None or not (save_dir / last_saved).is_dir():
+        return
+    needed = sum(f.stat().st_size for f in (save_dir / last_saved).rglob("*") if f.is_file())
+    free = shutil.disk_usage(save_dir).free
+    if free < needed:
+        log.warning(
+            "%s: %.1f MiB free, the last checkpoint (%s) took %.1f MiB: the next save may not fit",
+            save_dir, free / 2**20, last_saved, needed / 2**20,
+        )  # fmt: skip
 
 
 def run_layout(cfg: RunConfig, world_size: int) -> dict[str, Any]:

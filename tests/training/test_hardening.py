@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
 
 import pytest
 
 from mks2 import checkpoint as ckpt
-from tests.launching import run, tail
+from tests.launching import metrics, run, tail
 from tests.tiny import TINY
 
 pytestmark = pytest.mark.slow
@@ -43,3 +44,39 @@ def test_plain_python_without_mpi_on_a_busy_port_then_a_changed_seed(tmp_path):
     assert "train.seed: checkpoint 1234, now 99" in resumed.output, tail(resumed)
     assert "Traceback" not in resumed.output, tail(resumed)
     assert not (save_dir / ckpt.tag_for(3)).exists()
+
+
+@contextlib.contextmanager
+def small_tmpfs(where, size_kib: int):
+    """A tmpfs of ``size_kib`` at ``where`` (needs mount rights: root in the test container)."""
+    where.mkdir(parents=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(where)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs for the full-disk test: {mounted.stderr.decode().strip()}")
+    try:
+        yield lambda kib: subprocess.run(["mount", "-o", f"remount,size={kib}k", str(where)], check=True)
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_the_next_start_resumes(tmp_path):
+    # One checkpoint of this model takes about 1.7 MB: the second save cannot fit in 2.5 MB.
+    args = [*TINY, "train.max_steps=3", "train.save_interval=1", "train.keep_last=2"]
+    with small_tmpfs(tmp_path / "disk", 2500) as resize:
+        save_dir = tmp_path / "disk" / "run"
+        full = run("python", 1, [*args, f"train.save_dir={save_dir}"], timeout=240)
+        assert full.returncode != 0
+        assert "checkpoint step_00000002 could not be written: " in full.output, tail(full)
+        assert "MiB free in" in full.output and "Last complete checkpoint: step_00000001" in full.output
+        assert "Traceback" not in full.output, tail(full)
+        assert (save_dir / ckpt.tag_for(1) / ckpt.MARKER).is_file()
+        assert not (save_dir / ckpt.tag_for(2)).exists()
+        assert [r["step"] for r in metrics(save_dir)] == [1, 2]
+
+        resize(8192)
+        resumed = run("python", 1, [*args, f"train.save_dir={save_dir}"], timeout=240)
+        assert resumed.returncode == 0, tail(resumed)
+        assert [r["step"] for r in metrics(save_dir)] == [1, 2, 3]
+        assert (save_dir / ckpt.tag_for(3) / ckpt.MARKER).is_file()
