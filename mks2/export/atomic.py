@@ -8,6 +8,7 @@ next to it, which a later run removes once its process is gone.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -55,6 +56,10 @@ def check_output(out: Path, *, force: bool) -> None:
         raise OutputExistsError(f"output directory {out} is not empty; use --force to replace it")
 
 
+class ExportWriteError(UserError, OSError):
+    """The export could not be written (a full disk or quota): names the file and the free space."""
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: str | Path, *, force: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory; on success it replaces ``out``, on any error it is deleted."""
@@ -67,6 +72,15 @@ def atomic_output_dir(out: str | Path, *, force: bool = False) -> Iterator[Path]
     tmp.mkdir()
     try:
         yield tmp
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        free_mib = shutil.disk_usage(out.parent).free / 2**20
+        raise ExportWriteError(
+            f"{exc.filename or tmp}: {exc.strerror} ({free_mib:.1f} MiB free in {out.parent}); nothing was "
+            f"written at {out}"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
