@@ -4,9 +4,11 @@
     python tools/plot_metrics.py runs/demo_stage1 --output docs/figures/demo_stage1.png
     python tools/plot_metrics.py runs/a runs/b --keys loss loss_retrieval --smooth 10 --output cmp.png
 
-One panel per metric (default: every numeric metric the runs share among loss, loss_caption,
-loss_retrieval, retrieval_acc, lr, tokens_per_s, grad_norm, eval_retrieval_top1); held-out eval
-points are drawn as markers. ``--smooth N`` adds a trailing moving average of N steps.
+One panel per metric (default: those of DEFAULT_KEYS that any run has: stage 1's losses and retrieval
+accuracy, stage 2's answer tokens, both stages' held-out evaluation, lr, grad_norm, tokens/s). Held-out
+evaluation series (``eval_*``: recorded every ``train.eval_interval`` steps) are drawn as lines with a
+marker and the value at each evaluated step, whichever the stage. ``--smooth N`` adds a trailing moving
+average of N steps to the per-step series.
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ DEFAULT_KEYS = (
     "loss_retrieval",
     "retrieval_acc",
     "eval_retrieval_top1",
+    "eval_retrieval_top5",
+    "eval_loss",
+    "eval_loss_text",
+    "eval_loss_multimodal",
+    "answer_tokens",
     "lr",
     "grad_norm",
     "tokens_per_s",
@@ -54,6 +61,11 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
             xs.append(int(r["step"]))
             ys.append(float(v))
     return xs, ys
+
+
+def is_eval_series(key: str) -> bool:
+    """Held-out evaluation metrics (both stages) exist on the evaluated steps only."""
+    return key.startswith("eval_")
 
 
 def moving_average(ys: list[float], n: int) -> list[float]:
@@ -92,8 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         for run, recs in runs:
             xs, ys = series(recs, key)
             label = run.name if len(runs) > 1 else None
-            sparse = len(xs) <= max(1, len(recs) // 10)  # eval metrics exist on a few steps only
-            if sparse:
+            if is_eval_series(key):  # a few evaluated steps: a line through markers, each value written
                 ax.plot(xs, ys, marker="o", label=label)
                 for x, y in zip(xs, ys):
                     ax.annotate(f"{y:.3g}", (x, y), textcoords="offset points", xytext=(0, 5), fontsize=7, ha="center")

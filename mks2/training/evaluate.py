@@ -1,4 +1,7 @@
-"""Held-out text-to-image retrieval for stage 1, run inside training (either parallel mode).
+"""Held-out evaluation inside training (either parallel mode): text-to-image retrieval for stage 1, mean
+answer-token loss for stage 2.
+
+Stage 1:
 
 The gallery is every sample of ``data.eval_datasets`` (the demo: 100 held-out scenes). Each caption
 (text only, no image) is encoded by the LLM + retrieval projection exactly as in training; each image
@@ -9,10 +12,16 @@ The batches go through the same stage-1 step as training with ``task.collect`` s
 code path collects the embeddings instead of computing a loss: in zero3 mode through the engine's
 forward (every rank processes the whole gallery, so all ranks run the same partitioned modules), in
 pipeline mode through ``PipelineEngine.eval_batch`` (the last stage collects).
+
+Stage 2: every sample of ``data.eval_datasets`` (instruction data, one sample a row, unpacked) goes through
+the stage-2 step the same way; the loss code collects each row's answer-token loss sum and count. The
+record gets ``eval_loss`` (mean over all answer tokens) and, per kind of dataset, ``eval_loss_text``
+(datasets without images) and ``eval_loss_multimodal`` (with images), each the mean over its own tokens.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -22,22 +31,50 @@ from mks2.config import ParallelMode, Stage
 from mks2.model.retrieval import recall_at_k
 
 
-def eval_loader(trainer: Any) -> Any:
+def eval_loader(trainer: Any, stage: Stage = Stage.MVM) -> Any:
     """The eval split, identical on every rank (one ordered pass, rank 0 of a world of one)."""
+    from mks2.config import VisionKind
     from mks2.data import build_dataloader
     from mks2.model.vision import load_image_processor, vision_prefix_length
 
     cfg = trainer.cfg
-    return build_dataloader(
-        cfg,
-        rank=0,
-        world_size=1,
-        stage=Stage.MVM,
-        image_processor=load_image_processor(cfg.model),
-        num_prefix_tokens=vision_prefix_length(cfg.model),
-        split="eval",
-        num_workers=0,
-    )
+    vision: dict[str, Any] = {}
+    if VisionKind(cfg.model.vision.kind) != VisionKind.NONE:
+        vision = {
+            "image_processor": load_image_processor(cfg.model),
+            "num_prefix_tokens": vision_prefix_length(cfg.model),
+        }
+    return build_dataloader(cfg, rank=0, world_size=1, stage=stage, split="eval", num_workers=0, **vision)
+
+
+def collect_pass(trainer: Any, loader: Any) -> list[Any]:
+    """Run every batch of ``loader`` through the training step with ``task.collect`` set (no gradients, no
+    metrics); returns what the loss code collected on this rank (empty on pipeline stages without the loss)."""
+    te, task = trainer.te, trainer.task
+    holds_data = te.mode == ParallelMode.ZERO3 or te.is_first_stage or te.is_last_stage
+    task.collect = []
+    try:
+        if te.mode == ParallelMode.ZERO3:
+            te.engine.eval()
+            with torch.no_grad():
+                for batch in loader:
+                    te.engine(**task.prepare(batch, te.vision, te.device))
+            te.engine.train()
+        else:
+            feed = (task.pipeline_tuples(task.prepare(b, te.vision, te.device)) for b in (loader if holds_data else ()))
+            te.engine.eval_batch(iter(feed), compute_loss=True, bcast_loss=False, num_micro_batches=len(loader))
+        return task.collect
+    finally:
+        task.collect = None
+
+
+def _agree(trainer: Any, values: list[float]) -> list[float]:
+    """The loss holders' numbers on every rank (holders computed the same; others send -inf)."""
+    te = trainer.te
+    out = torch.tensor(values, dtype=torch.float64, device=te.device)
+    if dist.is_initialized():
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out.tolist()
 
 
 def retrieval_metrics(text: torch.Tensor, image: torch.Tensor) -> dict[str, float]:
@@ -55,25 +92,10 @@ def retrieval_metrics(text: torch.Tensor, image: torch.Tensor) -> dict[str, floa
 
 def retrieval_eval(trainer: Any) -> dict[str, float]:
     """Run the held-out retrieval evaluation on every rank together; returns the metrics on every rank."""
-    te, task = trainer.te, trainer.task
+    te = trainer.te
     loader = eval_loader(trainer)
     n = len(loader.sampler.units) - loader.sampler.padded  # the real gallery, without wrap-around padding
-    num_batches = len(loader)
-    holds_data = te.mode == ParallelMode.ZERO3 or te.is_first_stage or te.is_last_stage
-    task.collect = []
-    try:
-        if te.mode == ParallelMode.ZERO3:
-            te.engine.eval()
-            with torch.no_grad():
-                for batch in loader:
-                    te.engine(**task.prepare(batch, te.vision, te.device))
-            te.engine.train()
-        else:
-            feed = (task.pipeline_tuples(task.prepare(b, te.vision, te.device)) for b in (loader if holds_data else ()))
-            te.engine.eval_batch(iter(feed), compute_loss=True, bcast_loss=False, num_micro_batches=num_batches)
-        collected = task.collect
-    finally:
-        task.collect = None
+    collected = collect_pass(trainer, loader)
     out = torch.zeros(4, dtype=torch.float64, device=te.device)
     holder = te.mode == ParallelMode.ZERO3 or te.is_last_stage
     if holder and collected:
@@ -89,3 +111,36 @@ def retrieval_eval(trainer: Any) -> dict[str, float]:
         dist.all_reduce(out, op=dist.ReduceOp.MAX)  # every holder computed the same numbers
     keys = ("eval_retrieval_top1", "eval_retrieval_top5", "eval_gallery", "eval_chance_top1")
     return {k: out[i].item() for i, k in enumerate(keys)}
+
+
+SFT_KEYS = ("eval_loss", "eval_loss_text", "eval_loss_multimodal", "eval_answer_tokens")
+
+
+def sft_loss_metrics(rows: torch.Tensor, with_images: list[bool]) -> dict[str, float]:
+    """rows [N, 2] (answer-token loss sum, answer tokens) of the N eval samples, ``with_images[i]``: sample
+    i comes from a dataset with images -> mean loss over all answer tokens and per kind present."""
+    kinds = torch.tensor(with_images, dtype=torch.bool)
+    out = {"eval_loss": (rows[:, 0].sum() / rows[:, 1].sum().clamp(min=1)).item()}
+    for key, mask in (("eval_loss_text", ~kinds), ("eval_loss_multimodal", kinds)):
+        if mask.any():
+            out[key] = (rows[mask, 0].sum() / rows[mask, 1].sum().clamp(min=1)).item()
+    out["eval_answer_tokens"] = rows[:, 1].sum().item()
+    return out
+
+
+def sft_eval(trainer: Any) -> dict[str, float]:
+    """Stage 2's held-out answer-token loss on every rank together; returns the metrics on every rank."""
+    from mks2.training.stage2 import dataset_has_images
+
+    te = trainer.te
+    loader = eval_loader(trainer, Stage.MOME)
+    units = loader.sampler.units[: len(loader.sampler.units) - loader.sampler.padded]  # ((dataset, index),)
+    has_images = [dataset_has_images(src.path) for src in trainer.cfg.data.eval_datasets]
+    collected = collect_pass(trainer, loader)
+    values = [-math.inf] * len(SFT_KEYS)  # -inf: "not computed here" (and "no such kind" after the MAX)
+    if (te.mode == ParallelMode.ZERO3 or te.is_last_stage) and collected:
+        rows = torch.cat([c.cpu() for c in collected])[: len(units)]  # [N, 2], padding rows dropped
+        metrics = sft_loss_metrics(rows.double(), [has_images[unit[0][0]] for unit in units])
+        values = [metrics.get(k, -math.inf) for k in SFT_KEYS]
+    agreed = _agree(trainer, values)
+    return {k: v for k, v in zip(SFT_KEYS, agreed) if v != -math.inf}

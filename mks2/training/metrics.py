@@ -102,7 +102,7 @@ class MetricsLog:
             f.write(json.dumps(record, allow_nan=True) + "\n")
         if self.monitor is not None:
             step = record["step"]
-            self.monitor.write_events([(f"Train/{k}", v, step) for k, v in numeric_items(record).items()])
+            self.monitor.write_events([(_event_tag(k), v, step) for k, v in numeric_items(record).items()])
         if self.wandb is not None:
             self.wandb.log(record)
         self.bar.update(1)
@@ -131,6 +131,11 @@ class MetricsLog:
         self.bar.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _event_tag(key: str) -> str:
+    """TensorBoard / CSV tag: held-out evaluation in its own section (``Eval/loss``), the rest ``Train/``."""
+    return f"Eval/{key[5:]}" if key.startswith("eval_") else f"Train/{key}"
 
 
 def _fmt(x: Any) -> str:

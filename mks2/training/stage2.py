@@ -80,8 +80,11 @@ def sft_loss(
     from mks2.training.faults import maybe_poison
 
     loss, count = causal_lm_loss(logits, labels, segment_ids)
-    if task.collect is not None:  # evaluation: per-micro-batch (loss sum, answer tokens), no metrics
-        task.collect.append(torch.stack([loss.detach().float() * count, count.float()]))
+    if task.collect is not None:  # evaluation: per-row [B, 2] (loss sum, answer tokens), no metrics
+        rows = [
+            causal_lm_loss(logits[b : b + 1], labels[b : b + 1], segment_ids[b : b + 1]) for b in range(len(logits))
+        ]
+        task.collect.append(torch.stack([torch.stack([m.detach().float() * n, n.float()]) for m, n in rows]))
         return loss
     loss = maybe_poison(loss)
     task.sink.record({"answer_tokens": count.float(), "images": n_images.float()})
@@ -159,7 +162,7 @@ class Stage2Task(StageTask):
 
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
-        self.collect: list[torch.Tensor] | None = None  # evaluation: per-micro-batch (loss sum, tokens)
+        self.collect: list[torch.Tensor] | None = None  # evaluation: per micro-batch [B, 2] (loss sum, tokens)
         self.stage1: Stage1Source | None = None
         self.notes: list[str] = []
         if cfg.model.init_from_stage1:
@@ -213,6 +216,13 @@ class Stage2Task(StageTask):
         out["n_images"] = torch.tensor(float(n), device=device)
         out["vision_features"] = vision_features(vision, pixels, device)
         return out
+
+    def evaluate(self, trainer: Any) -> dict[str, float]:
+        if not self.cfg.data.eval_datasets:
+            return {}
+        from mks2.training.evaluate import sft_eval
+
+        return sft_eval(trainer)
 
     # ---- engine ---------------------------------------------------------------------------------
 
