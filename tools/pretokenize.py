@@ -56,7 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="bad record: stop with file:line (default) or skip, count and list it",
     )
     p.add_argument("--image-root", help="directory the image paths are relative to")
-    p.add_argument("--check-images", action="store_true", help="verify that every image exists and decodes")
+    p.add_argument(
+        "--check-images",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="verify that every image (caption and llava records) exists and decodes (default; "
+        "--no-check-images skips it, and a missing image then fails the training step that meets it)",
+    )
     p.add_argument(
         "--field",
         type=_field,
