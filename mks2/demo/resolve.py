@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from pathlib import Path
 
 from mks2.config import RunConfig
 from mks2.demo.builder import CHAT_TEMPLATES, ensure_built
+
+log = logging.getLogger("mks2.demo")
 
 PREFIX = "demo:"
 # name -> path inside the build root; {template} is the run's chat template (instruction data).
@@ -64,7 +67,11 @@ def resolve(cfg: RunConfig, *, progress: bool = True) -> RunConfig:
     ``data.cache_dir``: ``demo:NAME`` in ``data.datasets`` / ``data.eval_datasets``,
     ``data.tokenizer: demo``, ``model.vision.path: demo`` and, when a demo dataset is used and
     ``data.image_root`` is unset, the demo image directory. Builds the demo world on first use (under
-    a lock: concurrent ranks build once). A config without placeholders is returned unchanged."""
+    a lock: concurrent ranks build once). A config without placeholders is returned unchanged.
+
+    Demo evaluation sets are kept only while the training data is the demo's: with your own
+    ``data.datasets`` the demo config's ``data.eval_datasets`` are dropped (with a note), not evaluated."""
+    cfg = drop_demo_eval_sets(cfg)
     d, v = cfg.data, cfg.model.vision
     sources = list(d.datasets) + list(d.eval_datasets)
     uses_data = any(is_demo(s.path) for s in sources)
@@ -88,4 +95,19 @@ def resolve(cfg: RunConfig, *, progress: bool = True) -> RunConfig:
         out.model.vision.path = demo_path(root, "vision")
     if uses_data and not out.data.image_root:
         out.data.image_root = demo_path(root, "images")
+    return out
+
+
+def drop_demo_eval_sets(cfg: RunConfig) -> RunConfig:
+    """``cfg`` without its ``demo:`` eval datasets when none of its training datasets is a demo one (a copy;
+    ``cfg`` itself when nothing is dropped)."""
+    demo_eval = [s.path for s in cfg.data.eval_datasets if is_demo(s.path)]
+    if not demo_eval or not cfg.data.datasets or any(is_demo(s.path) for s in cfg.data.datasets):
+        return cfg
+    out = copy.deepcopy(cfg)
+    out.data.eval_datasets = [s for s in out.data.eval_datasets if not is_demo(s.path)]
+    log.info(
+        "data.eval_datasets: dropped the demo's %s (data.datasets holds your own data; set data.eval_datasets "
+        "to held-out sets of it to evaluate)", ", ".join(demo_eval),
+    )  # fmt: skip
     return out
