@@ -59,3 +59,8 @@ def jinja_chat_template(template: str) -> str:
     if template not in JINJA_TEMPLATES:
         raise ValueError(f"data.chat_template: unknown template {template!r} (allowed: {', '.join(TEMPLATES)})")
     return JINJA_TEMPLATES[template]
+
+
+def template_name(jinja: str | None) -> str | None:
+    """The training template an exported tokenizer's ``chat_template`` is (None: not one of ours)."""
+    return next((name for name, text in JINJA_TEMPLATES.items() if text == jinja), None)
