@@ -26,6 +26,7 @@ REQUIRES = [
 PACKAGE_DIRS = {
     "mks2._configs": "configs",  # run configs (YAML): demo.yaml is the launchers' default
     "mks2._ds_configs": "ds_configs",  # DeepSpeed JSON templates
+    "mks2._tools": "tools",  # the CLIs, run by the mks2 console script (mks2/cli.py)
     "mks2_kernels": "kernels",
 }
 
@@ -49,7 +50,7 @@ setup(
     version="0.1.0",
     description="DeepSpeed training system for MKS2: visual memory and soft MoME inside Llama",
     python_requires=">=3.10",
-    packages=find_packages(include=["mks2", "mks2.*"]) + ["mks2._configs", "mks2._ds_configs", "mks2_kernels"],
+    packages=find_packages(include=["mks2", "mks2.*"]) + ["mks2._configs", "mks2._ds_configs", "mks2._tools", "mks2_kernels"],
     package_dir=PACKAGE_DIRS,
     package_data={
         "mks2._configs": ["*.yaml"],
@@ -58,4 +59,5 @@ setup(
     },
     install_requires=REQUIRES,
     extras_require=EXTRAS,
+    entry_points={"console_scripts": ["mks2=mks2.cli:main"]},
 )

@@ -28,6 +28,7 @@ LAYERS = [
     ("export", ("mks2.export",)),
     ("demo", ("mks2.demo",)),
     ("eval", ("mks2.eval",)),
+    ("cli", ("mks2.cli", "mks2.__main__")),  # the console script: runs the tools (mks2._tools)
 ]
 FACADE = "mks2"  # the package's __init__: imports only the base at module level, so anyone may import it
 

@@ -83,12 +83,21 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ValueError) as exc:  # plain ValueErrors: option parsing (--max-shard-size, ...)
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    size = result.total_bytes / 2**30
     print(
         f"wrote {result.directory} ({result.format}, {result.dtype}, {len(result.files)} files, "
-        f"{size:.2f} GiB of weights) in {time.perf_counter() - start:.1f} s"
+        f"{human_bytes(result.total_bytes)} of weights) in {time.perf_counter() - start:.1f} s"
     )
     return 0
+
+
+def human_bytes(n: int) -> str:
+    """``812 B``, ``3.4 MiB``, ``13.5 GiB``: the largest binary unit that keeps the number at least 1."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
 
 
 if __name__ == "__main__":

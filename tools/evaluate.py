@@ -37,12 +37,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--no-answer-eos", action="store_true", help="score choices without the closing EOS")
     p.add_argument("--force-gates", default=None, help="fixed MoME gates, e.g. 1,0 (MLP expert only)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=32, help="records scored or generated together (default 32)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=16, help="longest generated answer of --open questions (default 16)"
+    )
     p.add_argument("--limit", type=int, default=None, help="first N records of each file")
     p.add_argument("--cache-dir", default=None, help="demo world cache (default: the run's data.cache_dir)")
     p.add_argument("--output", default=None, help="JSON report path (default: <model>/eval_report.json)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device to evaluate on: cpu (default), cuda, cuda:1, ...")
     p.add_argument(
         "--trust-remote-code",
         action="store_true",
@@ -71,8 +73,23 @@ def print_summary(report: dict) -> None:
               f"(chance {r['chance@1']:.1%} / {r['chance@5']:.1%}, n={r['n']})")  # fmt: skip
 
 
+def missing_inputs(args: argparse.Namespace) -> list[str]:
+    """The model directory and evaluation files that do not exist (``demo:`` names are built later), checked
+    before any model is loaded."""
+    missing = [] if Path(args.model).exists() else [f"model {args.model}"]
+    for flag, files in (("--mc", args.mc), ("--open", args.open), ("--retrieval", args.retrieval)):
+        missing += [f"{flag} {f}" for f in files if not f.startswith("demo:") and not Path(f).is_file()]
+    if args.image_root and not Path(args.image_root).is_dir():
+        missing.append(f"--image-root {args.image_root}")
+    return missing
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    missing = missing_inputs(args)
+    if missing:
+        print(f"error: not found: {', '.join(missing)}", file=sys.stderr)
+        return 1
     from mks2.errors import UserError
     from mks2.eval import load_for_eval, run_evaluation, write_report
 

@@ -128,14 +128,12 @@ def sft_loss_metrics(rows: torch.Tensor, with_images: list[bool]) -> dict[str, f
     return out
 
 
-def sft_eval(trainer: Any) -> dict[str, float]:
-    """Stage 2's held-out answer-token loss on every rank together; returns the metrics on every rank."""
-    from mks2.training.stage2 import dataset_has_images
-
+def sft_eval(trainer: Any, has_images: list[bool]) -> dict[str, float]:
+    """Stage 2's held-out answer-token loss on every rank together; returns the metrics on every rank.
+    ``has_images[d]``: eval dataset d is of a kind with images."""
     te = trainer.te
     loader = eval_loader(trainer, Stage.MOME)
     units = loader.sampler.units[: len(loader.sampler.units) - loader.sampler.padded]  # ((dataset, index),)
-    has_images = [dataset_has_images(src.path) for src in trainer.cfg.data.eval_datasets]
     collected = collect_pass(trainer, loader)
     values = [-math.inf] * len(SFT_KEYS)  # -inf: "not computed here" (and "no such kind" after the MAX)
     if (te.mode == ParallelMode.ZERO3 or te.is_last_stage) and collected:

@@ -222,7 +222,7 @@ class Stage2Task(StageTask):
             return {}
         from mks2.training.evaluate import sft_eval
 
-        return sft_eval(trainer)
+        return sft_eval(trainer, [dataset_has_images(src.path) for src in self.cfg.data.eval_datasets])
 
     # ---- engine ---------------------------------------------------------------------------------
 
