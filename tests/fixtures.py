@@ -26,12 +26,32 @@ from transformers import (
     OPTConfig,
 )
 
+from tests.tiny import VOCAB
+
 # Shapes shared by the vision fixtures: 32x32 images, 8x8 patches -> 16 patch tokens (+ CLS).
 TINY_IMAGE_SIZE = 32
 TINY_PATCH_SIZE = 8
 TINY_VISION_HIDDEN = 32
 TINY_QFORMER_HIDDEN = 24  # differs from the vision width so shape mix-ups fail loudly
 TINY_NUM_QUERY_TOKENS = 4
+
+
+def _vision_fields(num_hidden_layers: int) -> dict:
+    """A tiny ViT: 32x32 images in 8x8 patches, width 32."""
+    return dict(
+        hidden_size=TINY_VISION_HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        image_size=TINY_IMAGE_SIZE,
+        patch_size=TINY_PATCH_SIZE,
+    )
+
+
+def _text_fields(**fields) -> dict:
+    """A one-layer text model of width 16 on a 64-token vocabulary (special ids as Llama's), plus ``fields``."""
+    return dict(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, bos_token_id=1,
+                eos_token_id=2, pad_token_id=0, **fields)  # fmt: skip
 
 
 def _jitter_(model: torch.nn.Module, std: float = 0.05) -> None:
@@ -48,14 +68,7 @@ def make_tiny_blip2(directory: str | Path, *, layout: str = "conditional", seed:
     ``BlipImageProcessor`` config next to it. Returns the HF model in eval mode.
     """
     torch.manual_seed(seed)
-    vision = dict(
-        hidden_size=TINY_VISION_HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=TINY_IMAGE_SIZE,
-        patch_size=TINY_PATCH_SIZE,
-    )
+    vision = _vision_fields(num_hidden_layers=2)
     qformer = dict(
         hidden_size=TINY_QFORMER_HIDDEN,
         intermediate_size=48,
@@ -65,18 +78,7 @@ def make_tiny_blip2(directory: str | Path, *, layout: str = "conditional", seed:
         vocab_size=64,
         max_position_embeddings=32,
     )
-    text = OPTConfig(
-        vocab_size=64,
-        hidden_size=16,
-        ffn_dim=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        word_embed_proj_dim=16,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    text = OPTConfig(**_text_fields(ffn_dim=32, word_embed_proj_dim=16, max_position_embeddings=64))
     cfg = Blip2Config(
         vision_config=vision, qformer_config=qformer, text_config=text.to_dict(), num_query_tokens=TINY_NUM_QUERY_TOKENS
     )
@@ -101,27 +103,9 @@ def make_tiny_clip(directory: str | Path, *, full: bool = False, seed: int = 0):
     ``CLIPImageProcessor`` config. Returns the HF model in eval mode.
     """
     torch.manual_seed(seed)
-    vision = CLIPVisionConfig(
-        hidden_size=TINY_VISION_HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=TINY_IMAGE_SIZE,
-        patch_size=TINY_PATCH_SIZE,
-        projection_dim=16,
-    )
+    vision = CLIPVisionConfig(**_vision_fields(num_hidden_layers=3), projection_dim=16)
     if full:
-        text = dict(
-            vocab_size=64,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=16,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-        )
+        text = _text_fields(intermediate_size=32, max_position_embeddings=16)
         model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision.to_dict(), projection_dim=16))
     else:
         model = CLIPVisionModel(vision)
@@ -142,7 +126,7 @@ def make_tiny_llama(directory: str | Path, *, seed: int = 0, **overrides):
     """
     torch.manual_seed(seed)
     fields = dict(
-        vocab_size=128,
+        vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=88,
         num_hidden_layers=2,
@@ -162,3 +146,12 @@ def make_tiny_llama(directory: str | Path, *, seed: int = 0, **overrides):
     model.eval()
     model.save_pretrained(directory)
     return model
+
+
+def make_tiny_llama_and_clip(tmp_path_factory, **llama_overrides) -> tuple[Path, Path]:
+    """Save a tiny Llama (``llama_overrides`` as for make_tiny_llama) and a tiny CLIP vision tower into two
+    new temporary directories; returns (llama_dir, clip_dir), for ``build(llama, ..., vision_dir=clip)``."""
+    llama, clip = tmp_path_factory.mktemp("llama"), tmp_path_factory.mktemp("clip")
+    make_tiny_llama(llama, **llama_overrides)
+    make_tiny_clip(clip)
+    return llama, clip

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from mks2.checkpoint import MARKER, tag_for
-from tests.training.launchers import env_for
+from tests.launching import env_for
 
 pytestmark = pytest.mark.slow
 

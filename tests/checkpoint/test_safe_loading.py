@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.training.launchers import REPO, TINY, env_for, run, tail
+from tests.launching import REPO, env_for, run, tail
+from tests.tiny import TINY
 
 from mks2 import checkpoint as ckpt
 

@@ -16,7 +16,8 @@ import mks2.export.convert as convert_mod
 from mks2.demo.tokenizer import train_sentencepiece
 from mks2.export import OutputExistsError, VerificationError, export_model
 from mks2.export.atomic import atomic_output_dir
-from tests.export.export_helpers import REPO, run_config, tiny_model
+from tests.export.export_helpers import run_config, tiny_model
+from tests.launching import REPO
 
 
 def _leftovers(parent):

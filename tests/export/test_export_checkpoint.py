@@ -1,4 +1,7 @@
-"""Real 2-rank training runs (deepspeed launcher, CPU) -> checkpoint -> consolidate / convert -> transformers."""
+"""Real 2-rank training runs (deepspeed launcher, CPU) -> checkpoint -> consolidate / convert -> transformers.
+
+The runs are the session's shared ones (tests/conftest.py): the stage-1 runs in zero3 and pipeline mode,
+and the zero3 stage-2 run that continues from the first."""
 
 from __future__ import annotations
 
@@ -10,54 +13,24 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mks2.checkpoint import MARKER, CheckpointError, find_checkpoint, load_consolidated, open_consolidated
-from tests.export.export_helpers import python, run_launcher
+from tests.launching import python
 
 pytestmark = pytest.mark.slow
 
-# configs/demo.yaml shrunk to a model that trains a step in well under a second on 2 cores.
-TINY = [
-    "model.hidden_size=32",
-    "model.intermediate_size=64",
-    "model.num_layers=2",
-    "model.num_heads=4",
-    "model.num_kv_heads=2",
-    "train.micro_batch_size=4",
-    "train.global_batch_size=8",
-    "train.warmup_steps=1",
-    "train.max_steps=2",
-    "train.save_interval=0",
-    "train.precision=fp32",
-    "train.eval_interval=-1",
-    "data.num_workers=0",
-]
-PIPELINE = ["parallel.mode=pipeline", "parallel.pipeline_stages=2"]
 
-
-def _train(script, save_dir, demo_cache, *extra):
-    run_launcher(script, [*TINY, *extra, f"train.save_dir={save_dir}", f"data.cache_dir={demo_cache}"])
-    return save_dir
+@pytest.fixture(scope="module")
+def zero3_stage1(stage1_zero3):
+    return stage1_zero3["save_dir"]
 
 
 @pytest.fixture(scope="module")
-def zero3_stage1(tmp_path_factory, demo_cache):
-    return _train("pretrain_mvm.py", tmp_path_factory.mktemp("z3") / "run", demo_cache)
+def pipeline_stage1(stage1_pipeline):
+    return stage1_pipeline["save_dir"]
 
 
 @pytest.fixture(scope="module")
-def pipeline_stage1(tmp_path_factory, demo_cache):
-    return _train("pretrain_mvm.py", tmp_path_factory.mktemp("pp") / "run", demo_cache, *PIPELINE)
-
-
-@pytest.fixture(scope="module")
-def zero3_stage2(tmp_path_factory, demo_cache, zero3_stage1):
-    return _train(
-        "finetune_mome.py",
-        tmp_path_factory.mktemp("s2") / "run",
-        demo_cache,
-        f"model.init_from_stage1={zero3_stage1}",
-        "model.mome.router_init_std=0.5",
-        "model.lora.targets=[mlp,mvm,q_proj]",
-    )
+def zero3_stage2(stage2_zero3):
+    return stage2_zero3["save_dir"]
 
 
 def test_zero3_consolidation_equals_deepspeeds_own_reader(zero3_stage1):
@@ -146,6 +119,28 @@ def test_stage2_checkpoint_merged_bf16_and_adapter_exports(zero3_stage2, tmp_pat
         for name in lora:
             module, part = name.rsplit(".", 1)
             assert torch.equal(weights[f"base_model.model.{module}.{part}.weight"], ckpt.get(name)), name
+
+
+@torch.no_grad()
+def test_stage2_routers_matter_beyond_the_verification_tolerance(zero3_stage2):
+    """The shared stage-2 run's routers start at zero (the stage-2 tests check that they train). Its steps
+    must move them far enough that an export which lost them (uniform gates) or swapped the experts
+    (negated 2-way router) misses the verification's tolerance many times over; else the verification of
+    the export above would prove nothing about the routers."""
+    from mks2.export.verify import DEFAULT_ATOL, verification_batch
+
+    cfg, model = load_consolidated(zero3_stage2, progress=False)
+    batch = verification_batch(cfg)
+    real = batch["attention_mask"].bool()  # [B, S]
+    routed = model(**batch).logits[real]  # [T, V]
+    with model.forced_gates([0.5, 0.5]):
+        uniform = model(**batch).logits[real]
+    routers = [p for n, p in model.named_parameters() if ".router." in n]
+    for p in routers:
+        p.neg_()  # softmax(-z) over two experts: the gates swapped
+    swapped = model(**batch).logits[real]
+    assert routers and (routed - uniform).abs().max() > 10 * DEFAULT_ATOL
+    assert (routed - swapped).abs().max() > 10 * DEFAULT_ATOL
 
 
 def test_incomplete_checkpoints_are_refused(zero3_stage1, tmp_path):

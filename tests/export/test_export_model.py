@@ -11,8 +11,9 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from mks2.export import ExportError, export_model
-from tests.export.export_helpers import VOCAB, python, random_ids, run_config, tiny_model
+from tests.export.export_helpers import VOCAB, random_ids, run_config, tiny_model
 from tests.fixtures import make_tiny_clip, make_tiny_llama
+from tests.launching import python
 
 ATOL = 1e-5
 

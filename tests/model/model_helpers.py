@@ -6,23 +6,20 @@ from pathlib import Path
 
 import torch
 
-from mks2 import build_model, load_config
+from mks2 import build_model
+from mks2.config import RunConfig
 from mks2.model import MKS2ForCausalLM
+from tests import tiny
 from tests.fixtures import make_tiny_llama
+from tests.tiny import VOCAB, random_ids
 
-VOCAB = 128  # make_tiny_llama's vocabulary
+__all__ = ["VOCAB", "build", "random_ids", "randomize_lora_", "run_config", "tiny_llama"]
 
 
-def run_config(llama_dir: Path | str | None, *overrides: str, vision_dir: Path | str | None = None):
-    """A validated RunConfig for the tiny models (vision: a tiny CLIP when given, else none)."""
-    ov = ["model.stage=base", "data.seq_len=64", "model.lora.dropout=0.0"]
-    if llama_dir is not None:
-        ov.append(f"model.init_from={llama_dir}")
-    if vision_dir is not None:
-        ov += ["model.vision.kind=clip", f"model.vision.path={vision_dir}"]
-    else:
-        ov.append("model.vision.kind=none")
-    return load_config(None, [*ov, *overrides])
+def run_config(llama_dir: Path | str | None, *overrides: str, vision_dir: Path | str | None = None) -> RunConfig:
+    """tests.tiny.run_config of a base-stage model whose shape is read from ``llama_dir`` (without one: the
+    schema's default shape, for tests that set it or read it from an HF config)."""
+    return tiny.run_config("model.stage=base", *overrides, llama_dir=llama_dir, vision_dir=vision_dir, tiny_shape=False)
 
 
 def build(llama_dir, *overrides: str, vision_dir=None, **kwargs) -> MKS2ForCausalLM:
@@ -32,10 +29,6 @@ def build(llama_dir, *overrides: str, vision_dir=None, **kwargs) -> MKS2ForCausa
 
 def tiny_llama(directory: Path, **overrides):
     return make_tiny_llama(directory, **overrides)
-
-
-def random_ids(batch: int, seq: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()

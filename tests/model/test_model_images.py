@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.fixtures import TINY_IMAGE_SIZE, make_tiny_blip2, make_tiny_clip
+from tests.fixtures import TINY_IMAGE_SIZE, make_tiny_blip2, make_tiny_llama_and_clip
 from tests.model.model_helpers import build, random_ids, tiny_llama
 
 IMG = -200
@@ -14,9 +14,7 @@ P = 16  # tiny CLIP: (32 / 8)^2 patches
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    llama, clip = tmp_path_factory.mktemp("llama"), tmp_path_factory.mktemp("clip")
-    tiny_llama(llama)
-    make_tiny_clip(clip)
+    llama, clip = make_tiny_llama_and_clip(tmp_path_factory)
     return build(llama, "model.stage=mvm", vision_dir=clip)
 
 

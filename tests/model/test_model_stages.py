@@ -8,8 +8,8 @@ import torch
 from mks2.config import ConfigError
 from mks2.model import merge_lora, parameter_summary
 from mks2.model.summary import parameter_counts
-from tests.fixtures import make_tiny_clip
-from tests.model.model_helpers import build, random_ids, randomize_lora_, run_config, tiny_llama
+from tests.fixtures import make_tiny_llama_and_clip
+from tests.model.model_helpers import build, random_ids, randomize_lora_, run_config
 
 ATOL = 1e-5
 NUM_LAYERS = 3
@@ -19,11 +19,7 @@ ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-    llama = tmp_path_factory.mktemp("llama")
-    clip = tmp_path_factory.mktemp("clip")
-    tiny_llama(llama, num_hidden_layers=NUM_LAYERS)
-    make_tiny_clip(clip)
-    return llama, clip
+    return make_tiny_llama_and_clip(tmp_path_factory, num_hidden_layers=NUM_LAYERS)
 
 
 def logits(model, ids, **kw):

@@ -1,13 +1,11 @@
-"""Session-wide reference runs shared by the multi-process tests (each costs ~20 s on 2 cores)."""
+"""Session-wide reference runs of the resume tests (each costs ~20 s on 2 cores)."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.training.launchers import TINY, metrics, run, tail
-
-RESUME_ARGS = ["train.max_steps=20", "train.save_interval=5", "train.keep_last=5", "train.eval_interval=0"]
-PIPELINE = ["parallel.mode=pipeline", "parallel.pipeline_stages=2"]
+from tests.launching import metrics, run, tail
+from tests.tiny import PIPELINE, RESUME_ARGS, TINY
 
 
 def _reference(tmp_path_factory, name: str, extra: list[str]) -> dict:

@@ -3,21 +3,18 @@ the single-process loss of the whole batch; and Slurm's environment mapping."""
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
 from mks2.training import distributed
-from tests.training.launchers import REPO, env_for, free_port
+from tests.launching import REPO, run, tail
 
 
 @pytest.mark.slow
 def test_gathered_infonce_gradients_match_the_global_batch():
     script = REPO / "tests" / "training" / "scripts" / "check_contrastive_grad.py"
-    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), str(script)]
-    out = subprocess.run(cmd, cwd=REPO, env=env_for(), capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    assert "rank 0: OK" in out.stdout and "rank 1: OK" in out.stdout
+    result = run("torchrun", 2, [], script=script, timeout=120)
+    assert result.returncode == 0, tail(result)
+    assert "rank 0: OK" in result.output and "rank 1: OK" in result.output
 
 
 def test_single_process_gather_is_identity():

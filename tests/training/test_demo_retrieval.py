@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.training.launchers import REPO, metrics, run, tail
+from tests.launching import REPO, metrics, run, tail
 
 pytestmark = pytest.mark.slow
 

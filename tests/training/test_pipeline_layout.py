@@ -9,19 +9,15 @@ from mks2.model.pipeline_layout import LayerKind, PipelineLayout
 from mks2.training.pipeline import DecoderLayerPipe, EmbedPipe, ModelSource
 from mks2.training.stage1 import Stage1HeadPipe
 from mks2.training.stage2 import SFTHeadPipe
-from tests.fixtures import make_tiny_clip
-from tests.model.model_helpers import build, tiny_llama
+from tests.fixtures import make_tiny_llama_and_clip
+from tests.model.model_helpers import build
 
 NUM_LAYERS = 3
 
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-    llama = tmp_path_factory.mktemp("llama")
-    clip = tmp_path_factory.mktemp("clip")
-    tiny_llama(llama, num_hidden_layers=NUM_LAYERS)
-    make_tiny_clip(clip)
-    return llama, clip
+    return make_tiny_llama_and_clip(tmp_path_factory, num_hidden_layers=NUM_LAYERS)
 
 
 def test_layer_table_is_the_one_on_disk():

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.training.launchers import TINY, run
+from tests.launching import run
+from tests.tiny import TINY
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,8 @@ import time
 import psutil
 import pytest
 
-from tests.training.launchers import TINY, finish, metrics, run, start, tail
+from tests.launching import finish, metrics, run, start, tail
+from tests.tiny import TINY
 
 pytestmark = pytest.mark.slow
 

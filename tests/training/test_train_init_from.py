@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from tests.fixtures import make_tiny_llama
-from tests.training.launchers import TINY, metrics, run, tail
+from tests.launching import metrics, run, tail
+from tests.tiny import TINY
 
 pytestmark = pytest.mark.slow
 

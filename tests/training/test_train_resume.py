@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.training.conftest import PIPELINE, RESUME_ARGS
-from tests.training.launchers import TINY, metrics, run, tail
+from tests.launching import metrics, run, tail
+from tests.tiny import PIPELINE, RESUME_ARGS, TINY
 
 pytestmark = pytest.mark.slow
 COMPARED = ("step", "loss", "loss_caption", "loss_retrieval", "retrieval_acc", "logit_scale", "lr", "grad_norm")

@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from tests.stage2.stage2_launch import PIPELINE, REPO, STAGE2_ARGS, run_stage2
-from tests.training.launchers import metrics, tail
+from tests.launching import FINETUNE, REPO, metrics, run, run_stage2, tail
+from tests.tiny import PIPELINE, STAGE2_ARGS
 
 pytestmark = pytest.mark.slow
 COMPARED = ("step", "loss", "answer_tokens", "images", "lr", "grad_norm")
@@ -128,7 +128,7 @@ def test_evaluate_cli_on_stage1_and_stage2_checkpoints(stage2_zero3, stage1_zero
 
 
 def test_launcher_reports_a_missing_stage1_checkpoint(tmp_path, demo_cache):
-    cmd = [sys.executable, str(REPO / "launch" / "finetune_mome.py"), *STAGE2_ARGS, f"data.cache_dir={demo_cache}",
+    cmd = [sys.executable, str(FINETUNE), *STAGE2_ARGS, f"data.cache_dir={demo_cache}",
            f"model.init_from_stage1={tmp_path / 'nothing'}"]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert res.returncode == 1
@@ -172,13 +172,11 @@ def test_demo_experiment_command_end_to_end(tmp_path, demo_cache):
 
 @pytest.mark.parametrize("launcher", ["torchrun", "mpirun"])
 def test_other_launchers(launcher, stage1_zero3, tmp_path):
-    from tests.stage2.stage2_launch import STAGE2, run
-
     save_dir = tmp_path / "run"
     args = [*STAGE2_ARGS, f"model.init_from_stage1={stage1_zero3['save_dir']}",
             f"data.cache_dir={stage1_zero3['cache']}", "train.max_steps=2", "train.save_interval=0",
             f"train.save_dir={save_dir}"]  # fmt: skip
-    result = run(STAGE2, launcher, 2, args)
+    result = run(launcher, 2, args, script=FINETUNE)
     assert result.returncode == 0, tail(result)
     assert [r["step"] for r in metrics(save_dir)] == [1, 2]
     assert (save_dir / "step_00000002" / "COMPLETE").is_file()
