@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -52,20 +51,42 @@ from mks2.model.layers import INIT_STD, Linear, RMSNorm
 from mks2.model.mome import MoMERouter
 
 
-@dataclass
-class MKS2Output:
-    """Result of :meth:`MKS2ForCausalLM.forward`.
+class MKS2Output(dict):
+    """Result of :meth:`MKS2ForCausalLM.forward`, read as attributes (``out.logits``) or keys.
 
     loss: mean next-token cross-entropy over label positions != -100 (None without labels).
     logits: [B, S, V] (None when ``return_logits=False`` and no labels).
     hidden_states: final-RMSNorm output [B, S, D].
     aux: ``gates`` {layer index: [B, S, E] fp32} for MoME layers, ``num_loss_tokens`` (0-d tensor).
+
+    A dict (as HF's ``ModelOutput``) because ZeRO-3's module hooks find the tensors of tuples, lists and
+    dicts only: they replace each value in place, which the attributes then read.
     """
 
-    loss: torch.Tensor | None
-    logits: torch.Tensor | None
-    hidden_states: torch.Tensor
-    aux: dict[str, Any] = field(default_factory=dict)
+    def __init__(
+        self,
+        loss: torch.Tensor | None,
+        logits: torch.Tensor | None,
+        hidden_states: torch.Tensor,
+        aux: dict[str, Any] | None = None,
+    ):
+        super().__init__(loss=loss, logits=logits, hidden_states=hidden_states, aux={} if aux is None else aux)
+
+    @property
+    def loss(self) -> torch.Tensor | None:
+        return self["loss"]
+
+    @property
+    def logits(self) -> torch.Tensor | None:
+        return self["logits"]
+
+    @property
+    def hidden_states(self) -> torch.Tensor:
+        return self["hidden_states"]
+
+    @property
+    def aux(self) -> dict[str, Any]:
+        return self["aux"]
 
 
 class Embedding(nn.Module):
