@@ -137,7 +137,41 @@ def ensure_built(cache_dir: str | os.PathLike, *, progress: bool = True) -> tupl
             log.warning("demo: removing interrupted build %s", root)
             shutil.rmtree(root)
         build(root, progress=progress)
-        return root, True
+    prune_old_builds(cache, keep=KEEP_BUILDS, current=root)
+    return root, True
+
+
+KEEP_BUILDS = 3
+"""Complete demo builds kept in a cache directory (the newest, by when they were finished; the one just
+built always stays): builds of other source versions are useful to other checkouts for a while, not forever."""
+
+
+def prune_old_builds(cache: Path, *, keep: int, current: Path) -> list[Path]:
+    """Delete the complete ``demo-v*`` builds in ``cache`` beyond the ``keep`` newest (``current`` is never
+    deleted, nor a build whose lock another process holds: one being rebuilt). Returns the deleted ones."""
+    builds = sorted(
+        (d for d in cache.glob("demo-v*-*") if d.is_dir() and is_complete(d) and d != current),
+        key=lambda d: (d / MARKER).stat().st_mtime,
+        reverse=True,
+    )
+    removed = []
+    for old in builds[max(keep - 1, 0) :]:  # the current build takes one of the places
+        lock = cache / f".{old.name}.lock"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        try:
+            log.info("demo: removing old build %s (keeping the newest %d)", old, keep)
+            shutil.rmtree(old, ignore_errors=True)
+            lock.unlink(missing_ok=True)
+            removed.append(old)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+    return removed
 
 
 # ------------------------------------------------------------------------------------------------
