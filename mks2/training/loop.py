@@ -383,6 +383,11 @@ def plan_resume(cfg: RunConfig, world_size: int) -> str | None:
                 problems += [
                     f"{k}: checkpoint {saved_run.get(k)!r}, now {v!r}" for k, v in now.items() if saved_run.get(k) != v
                 ]
+                if saved_run.get("data_parallel_size") != now["data_parallel_size"]:
+                    problems.append(
+                        "a resume with another data-parallel size is not supported yet: restart with "
+                        f"{saved_run.get('world_size', '?')} ranks, as the checkpoint was written"
+                    )
                 if problems:
                     raise ckpt.CheckpointError(
                         f"{found.path} cannot be resumed by this run; these settings differ:\n  - "
