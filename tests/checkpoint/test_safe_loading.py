@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.launching import REPO, env_for, run, tail
-from tests.tiny import TINY
 
 from mks2 import checkpoint as ckpt
+from tests.launching import REPO, env_for, run, tail
+from tests.tiny import TINY
 
 pytestmark = pytest.mark.slow
 
