@@ -7,6 +7,7 @@ One real 6-step stage-1 run on one process (plain python, no launcher), then two
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 
 import pytest
@@ -76,3 +77,14 @@ def test_failed_run_leaves_its_error_in_the_log(tmp_path, demo_cache):
     error_log = (save_dir / "logs" / "error_rank0.log").read_text()
     assert "train.resume=require" in error_log and "no complete checkpoint" in error_log
     assert "train.resume=require" in (save_dir / "logs" / "train.log").read_text()
+
+
+def test_resume_with_another_schedule_warns(monitored_run, tmp_path):
+    save_dir = tmp_path / "run"
+    shutil.copytree(monitored_run["save_dir"], save_dir)  # leave the module's run as it is
+    args = [a for a in monitored_run["args"] if not a.startswith(("train.wandb", "train.save_dir"))]
+    result = run("python", 1, [*args, "train.max_steps=7", f"train.save_dir={save_dir}"])
+    assert result.returncode == 0, tail(result)
+    assert "different learning-rate schedule" in result.output
+    assert "train.max_steps: checkpoint 6, now 7" in result.output
+    assert "training finished at step 7" in result.output
