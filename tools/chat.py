@@ -21,9 +21,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported when a chat starts, so --help answers at once
+    import torch
 
 IMAGE_TOKEN = "<image>"
 
@@ -62,6 +63,8 @@ class Chat:
     def __init__(self, em: Any, args: argparse.Namespace):
         self.em, self.args = em, args
         self.core = getattr(em.model, "core", em.model)  # an export's wrapper runs our model underneath
+        import torch
+
         self.history: list[tuple[str, str]] = []
         self.pixel_values = None
         self.generator = torch.Generator().manual_seed(args.seed)
@@ -97,6 +100,8 @@ class Chat:
         return out
 
     def _next_logits(self, ids: torch.Tensor, cache: Any, first: bool) -> torch.Tensor:
+        import torch
+
         mask = torch.ones(1, cache.get_seq_length() + ids.shape[1], dtype=torch.long)
         if hasattr(self.core, "routers"):  # our model (training checkpoint or an export's core)
             pixels = self.pixel_values if first and self.pixel_values is not None and not self.history else None
@@ -106,6 +111,8 @@ class Chat:
         return out.logits[0, -1].float()  # [V]
 
     def _sample(self, logits: torch.Tensor) -> int:
+        import torch
+
         if self.args.temperature == 0:
             return int(logits.argmax())
         probs = torch.softmax(logits / self.args.temperature, dim=-1)
@@ -114,8 +121,14 @@ class Chat:
         sorted_probs = sorted_probs * keep
         return int(order[torch.multinomial(sorted_probs, 1, generator=self.generator)])
 
-    @torch.no_grad()
     def answer(self, question: str) -> str:
+        import torch
+
+        with torch.no_grad():
+            return self._answer(question)
+
+    def _answer(self, question: str) -> str:
+        import torch
         from transformers import DynamicCache, TextStreamer
 
         streamer = TextStreamer(self.em.tokenizer)  # prints decoded words as they complete
