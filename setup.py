@@ -33,6 +33,7 @@ PACKAGE_DIRS = {
 EXTRAS = {
     "gpu": ["flash-attn>=2.5", "triton>=2.3"],
     "mpi": ["mpi4py>=3.1"],
+    "monitor": ["tensorboard>=2.14", "wandb>=0.16"],  # train.tensorboard / train.wandb (requirements-ci.txt pins both)
     "dev": [
         "pytest>=7",
         "ruff>=0.4",
@@ -50,7 +51,7 @@ setup(
     version="0.1.0",
     description="DeepSpeed training system for MKS2: visual memory and soft MoME inside Llama",
     python_requires=">=3.10",
-    packages=find_packages(include=["mks2", "mks2.*"]) + ["mks2._configs", "mks2._ds_configs", "mks2._tools", "mks2_kernels"],
+    packages=find_packages(include=["mks2", "mks2.*"]) + list(PACKAGE_DIRS),  # + the folders mapped into it
     package_dir=PACKAGE_DIRS,
     package_data={
         "mks2._configs": ["*.yaml"],
