@@ -22,7 +22,7 @@ from tests.launching import env_for
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = ("setup.py", "pyproject.toml", "mks2", "kernels", "configs", "ds_configs")
+SOURCES = ("setup.py", "pyproject.toml", "mks2", "kernels", "configs", "ds_configs", "tools")
 """What ``pip install .`` needs. Installed from a copy, so the build's ``build/`` and ``*.egg-info`` stay out
 of the working tree."""
 
@@ -70,6 +70,17 @@ def test_installed_package_is_the_venv_copy_and_ships_its_data(installed, tmp_pa
     for path in paths:  # the installed copy, not the editable checkout
         assert Path(path).is_relative_to(venv) and not Path(path).is_relative_to(REPO), path
     assert all_exist
+
+
+def test_installed_console_script_runs_the_installed_tools(installed, tmp_path):
+    python, env = installed
+    exe = python.parent / "mks2"
+    assert exe.is_file(), "pip install did not create the mks2 console script"
+    probe = "import mks2._tools.plot_metrics as m; print(m.__file__)"
+    res = _run([str(python), "-c", probe], cwd=tmp_path, env=env, timeout=120)
+    assert Path(res.stdout.strip().splitlines()[-1]).is_relative_to(python.parents[1])  # the venv's copy
+    res = _run([str(exe), "plot", "--help"], cwd=tmp_path, env=env, timeout=120)
+    assert res.stdout.startswith("usage: mks2 plot")
 
 
 def test_installed_package_runs_stage1_on_the_demo(installed, tmp_path, demo_cache):
