@@ -67,6 +67,8 @@ def test_evaluate_cli_refuses_a_poisoned_directory_in_one_line(mks2_export, tmp_
     marker = tmp_path / "PWNED"
     with open(bad / "modeling_mks2.py", "a") as f:
         f.write(POISON.format(marker=str(marker)))
+    questions = tmp_path / "q.jsonl"  # a valid file: the CLI checks its inputs before the model directory
+    questions.write_text(json.dumps({"question": "q1", "choices": ["red", "blue"], "answer": 0}) + "\n")
     result = subprocess.run(
         [sys.executable, str(REPO / "tools" / "evaluate.py"), str(bad), "--mc", str(tmp_path / "q.jsonl"),
          "--tokenizer", str(tokenizer)],
