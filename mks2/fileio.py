@@ -58,3 +58,15 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
     with atomic_open(path, "wb") as f:
         torch.save(obj, f)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (stale temporary directories and lock files are
+    those whose writer is gone). A process we may not signal still exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -68,4 +68,4 @@ def test_evaluate_checks_its_files_before_loading_a_model(tmp_path):
     model.mkdir()  # exists, but holds no model: a load would fail with another message
     result = mks2("evaluate", str(model), "--mc", str(tmp_path / "mc.jsonl"), "demo:eval_mc", "--open", "o.jsonl")
     assert result.returncode == 1
-    assert result.stderr.strip() == f"error: not found: --mc {tmp_path / 'mc.jsonl'}, --open o.jsonl"
+    assert result.stderr.strip() == f"error: evaluation file not found: --mc {tmp_path / 'mc.jsonl'}, --open o.jsonl"

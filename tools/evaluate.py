@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     missing = missing_inputs(args)
     if missing:
-        print(f"error: not found: {', '.join(missing)}", file=sys.stderr)
+        print(f"error: evaluation file not found: {', '.join(missing)}", file=sys.stderr)
         return 1
     from mks2.errors import UserError
     from mks2.eval import load_for_eval, run_evaluation, write_report

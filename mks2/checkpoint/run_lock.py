@@ -23,6 +23,7 @@ from typing import IO, Any
 
 from mks2.checkpoint.errors import CheckpointError
 from mks2.checkpoint.layout import list_checkpoints
+from mks2.fileio import pid_alive
 
 LOCK_FILE = ".mks2_run.lock"
 
@@ -52,13 +53,7 @@ def _alive_here(holder: dict[str, Any]) -> bool:
     pid = holder.get("pid")
     if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid():
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(pid)
 
 
 class SaveDirLock:

@@ -16,22 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mks2.errors import UserError
+from mks2.fileio import pid_alive
 
 _PARTIAL = re.compile(r"^\.(?P<name>.+)\.partial-(?P<pid>\d+)$")
 
 
 class OutputExistsError(UserError, FileExistsError):
     """The output path already holds files and overwriting was not allowed."""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_stale_partials(out: Path) -> list[Path]:
@@ -41,7 +32,7 @@ def remove_stale_partials(out: Path) -> list[Path]:
         return removed
     for child in out.parent.iterdir():
         m = _PARTIAL.match(child.name)
-        if m and m.group("name") == out.name and child.is_dir() and not _alive(int(m.group("pid"))):
+        if m and m.group("name") == out.name and child.is_dir() and not pid_alive(int(m.group("pid"))):
             shutil.rmtree(child, ignore_errors=True)
             removed.append(child)
     return removed

@@ -371,38 +371,32 @@ def plan_resume(cfg: RunConfig, world_size: int) -> str | None:
     """Resolve ``train.resume`` to a checkpoint tag (None: fresh start) and check that this run can
     continue it -- same model shape, parallel mode and layout -- BEFORE any engine is built. Rank 0
     decides, every rank gets the same answer (or the same CheckpointError)."""
-    answer: list[Any] = [None]
-    if distributed.rank() == 0:
-        try:
-            found = ckpt.find_resume(cfg.train.save_dir, str(cfg.train.resume))
-            if found is not None:
-                ckpt.check_checkpoint_files(found.path)  # no .pt needing code outside the allow-list
-                trainer_state, saved_cfg = ckpt.read_meta(found.path)
-                problems = ckpt.resume_changes(saved_cfg, resolved_config(cfg))
-                saved_run, now = trainer_state.get("run", {}), run_layout(cfg, world_size)
-                problems += [
-                    f"{k}: checkpoint {saved_run.get(k)!r}, now {v!r}" for k, v in now.items() if saved_run.get(k) != v
-                ]
-                if saved_run.get("data_parallel_size") != now["data_parallel_size"]:
-                    problems.append(
-                        "a resume with another data-parallel size is not supported yet: restart with "
-                        f"{saved_run.get('world_size', '?')} ranks, as the checkpoint was written"
-                    )
-                if problems:
-                    raise ckpt.CheckpointError(
-                        f"{found.path} cannot be resumed by this run; these settings differ:\n  - "
-                        + "\n  - ".join(problems)
-                        + "\nResume with the checkpoint's settings, or start a new run in another train.save_dir."
-                    )
-            answer[0] = ("ok", found.tag if found else None)
-        except ckpt.CheckpointError as exc:
-            answer[0] = ("error", str(exc))
-    if dist.is_initialized():
-        dist.broadcast_object_list(answer, src=0)
-    kind, value = answer[0]
-    if kind == "error":
-        raise ckpt.CheckpointError(value)
-    return value
+
+    def decide() -> str | None:
+        found = ckpt.find_resume(cfg.train.save_dir, str(cfg.train.resume))
+        if found is None:
+            return None
+        ckpt.check_checkpoint_files(found.path)  # no .pt needing code outside the allow-list
+        trainer_state, saved_cfg = ckpt.read_meta(found.path)
+        problems = ckpt.resume_changes(saved_cfg, resolved_config(cfg))
+        saved_run, now = trainer_state.get("run", {}), run_layout(cfg, world_size)
+        problems += [
+            f"{k}: checkpoint {saved_run.get(k)!r}, now {v!r}" for k, v in now.items() if saved_run.get(k) != v
+        ]
+        if saved_run.get("data_parallel_size") != now["data_parallel_size"]:
+            problems.append(
+                "a resume with another data-parallel size is not supported yet: restart with "
+                f"{saved_run.get('world_size', '?')} ranks, as the checkpoint was written"
+            )
+        if problems:
+            raise ckpt.CheckpointError(
+                f"{found.path} cannot be resumed by this run; these settings differ:\n  - "
+                + "\n  - ".join(problems)
+                + "\nResume with the checkpoint's settings, or start a new run in another train.save_dir."
+            )
+        return found.tag
+
+    return decided_on_rank0(decide)
 
 
 def resolved_config(cfg: RunConfig) -> dict[str, Any]:

@@ -106,6 +106,8 @@ def test_resume_convert_and_evaluate_refuse_the_poisoned_checkpoint(tiny_run, tm
     converted = _tool("convert_to_hf.py", "--checkpoint", str(save_dir), "--output", str(tmp_path / "hf"), "--quiet")
     _assert_refused(converted.stdout + converted.stderr, converted.returncode)
     assert not (tmp_path / "hf").exists()
-    evaluated = _tool("evaluate.py", str(save_dir), "--mc", str(tmp_path / "questions.jsonl"))
+    questions = tmp_path / "questions.jsonl"  # valid: the CLI checks its inputs before the checkpoint
+    questions.write_text('{"question": "q", "choices": ["a", "b"], "answer": 0}\n')
+    evaluated = _tool("evaluate.py", str(save_dir), "--mc", str(questions))
     _assert_refused(evaluated.stdout + evaluated.stderr, evaluated.returncode)
     assert not marker.exists()
