@@ -232,7 +232,7 @@ def pretokenize(
     fields: dict[str, str] | None = None,
     chat_template: str = "llama2",
     max_tokens: int | None = None,
-    check_images: bool = False,
+    check_images: bool = True,
     if_exists: str = "refuse",
     records_per_shard: int = DEFAULT_RECORDS_PER_SHARD,
     system_prompt: str | None = None,
@@ -250,7 +250,10 @@ def pretokenize(
     returned as is; ``on_error`` may change, e.g. to skip the record that stopped a run) or
     ``overwrite``. ``max_tokens``: records longer than this (BOS/EOS included, an
     image placeholder counted once) are bad records. ``command``: recorded in the manifest (defaults
-    to ``sys.argv``)."""
+    to ``sys.argv``). ``check_images`` (default on, as in the CLI): every image of an image kind
+    (caption, llava) must exist under ``image_root`` and decode, else the record is bad (a missing file
+    then stops here, not the training run at the step that meets it); ``False`` is the explicit opt-out
+    (the CLI's ``--no-check-images``) for images that are checked elsewhere or not there yet."""
     problems = []
     if fmt not in KINDS:
         problems.append(f"unknown format {fmt!r} (allowed: {', '.join(KINDS)})")

@@ -38,6 +38,7 @@ def _shard_bytes(directory: Path) -> dict[str, bytes]:
 def _run(inputs, out, tok, **kw):
     kw.setdefault("progress", False)
     kw.setdefault("fmt", "caption")
+    kw.setdefault("check_images", False)  # most records here name images that are not on disk
     return pretokenize([str(i) for i in inputs], tokenizer=str(tok), output=str(out), **kw)
 
 
@@ -343,8 +344,12 @@ def test_check_images(tmp_path, sp_model):
     assert m["counts"]["records_written"] == 2
     assert "image cannot be decoded" in m["skipped_examples"][1]
     assert [r["image"] for r in _rows(tmp_path / "o2")] == ["img/0.png", "img/1.png"]  # absolute -> relative
-    # without --check-images the paths are not opened
-    assert _run([src], tmp_path / "o3", sp_model)["counts"]["records_written"] == 4
+    # with the explicit opt-out the paths are not opened
+    assert _run([src], tmp_path / "o3", sp_model, check_images=False)["counts"]["records_written"] == 4
+    # the library's default checks, as the CLI does
+    with pytest.raises(PretokenizeError, match="image not found"):
+        pretokenize([str(src)], fmt="caption", tokenizer=str(sp_model), output=str(tmp_path / "o4"),
+                    image_root=str(tmp_path / "root"), progress=False)  # fmt: skip
 
 
 def test_llava_structure_errors(tmp_path, sp_model):
