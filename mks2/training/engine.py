@@ -31,6 +31,8 @@ from mks2.model.dtypes import torch_dtype
 from mks2.training import distributed
 from mks2.training.batch import data_parallel_size, pipeline_stages
 from mks2.training.ds_config import build_ds_config, zero_stage
+from mks2.training.flops import FlopsModel, flops_model
+from mks2.training.frozen_base import check_frozen_base
 from mks2.training.frozen_vision import FrozenVision
 from mks2.training.schedule import build_scheduler
 from mks2.training.task import StageTask
@@ -54,8 +56,9 @@ class TrainingEngine:
     ds_config: dict[str, Any] = field(default_factory=dict)
     summary: str = ""
     resolved_config: dict[str, Any] = field(default_factory=dict)
-    llm_params: int = 0  # all LLM parameters (vision towers excluded), for the FLOPs estimate
+    llm_params: int = 0  # all LLM parameters (vision towers excluded)
     trainable_params: int = 0
+    flops: FlopsModel | None = None  # FLOPs per real token / attention pair / sample (mks2.training.flops)
 
     @property
     def is_first_stage(self) -> bool:
@@ -171,6 +174,7 @@ def _build_zero3(cfg: RunConfig, task: StageTask, ds_config: dict, dtype: torch.
     model.set_activation_checkpointing(bool(cfg.train.activation_checkpointing))
     summary = parameter_summary(model)
     llm_params, trainable = _count(model)
+    flops = flops_model(model, recompute=bool(cfg.train.activation_checkpointing))
     resolved = to_dict(cfg)  # after build_model: architecture fields read from model.init_from
     device = _device()
     vision = FrozenVision.build(cfg.model, device, dtype)
@@ -186,6 +190,9 @@ def _build_zero3(cfg: RunConfig, task: StageTask, ds_config: dict, dtype: torch.
         dist_init_required=False,
     )
     install_safe_checkpoint_engine(engine)  # every checkpoint file DeepSpeed loads: weights only
+    frozen_line = check_frozen_base(engine.module, cfg.parallel.frozen_base)  # raises if replicate did not hold
+    if distributed.rank() == 0:
+        log.info("%s", frozen_line)
     dp_group = dist.group.WORLD  # never None: None would mean "the world" to torch.distributed anyway
     task.dp_group = dp_group
     return TrainingEngine(
@@ -201,6 +208,7 @@ def _build_zero3(cfg: RunConfig, task: StageTask, ds_config: dict, dtype: torch.
         resolved_config=resolved,
         llm_params=llm_params,
         trainable_params=trainable,
+        flops=flops,
     )
 
 
@@ -219,6 +227,7 @@ def _build_pipeline(
     model = task.build_model(cfg)  # full model on every rank, same seed as zero3 mode
     summary = parameter_summary(model)
     llm_params, trainable = _count(model)
+    flops = flops_model(model, recompute=bool(cfg.train.activation_checkpointing))
     resolved = to_dict(cfg)
     device = _device()
     vision = FrozenVision(model.vision, device, dtype)
@@ -268,4 +277,5 @@ def _build_pipeline(
         resolved_config=resolved,
         llm_params=llm_params,
         trainable_params=trainable,
+        flops=flops,
     )

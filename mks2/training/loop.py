@@ -24,12 +24,13 @@ from mks2 import checkpoint as ckpt
 from mks2.config import ConfigError, ParallelMode, RunConfig, to_dict
 from mks2.model import apply_config_from_hf
 from mks2.training import distributed, faults
-from mks2.training.batch import check_world_size, data_parallel_size, pipeline_stages
+from mks2.training.batch import check_world_size, data_parallel_size, pipeline_stages, resolve_global_batch
 from mks2.training.engine import TrainingEngine, build_engine
-from mks2.training.metrics import MetricsLog, peak_flops_per_device, train_flops_per_position
+from mks2.training.flops import FlopsModel
+from mks2.training.metrics import MetricsLog, peak_flops_per_device
 from mks2.training.monitoring import WandbRun, monitoring_problems
 from mks2.training.summary import check_resume_target, log_data_summary
-from mks2.training.task import StageTask
+from mks2.training.task import BatchCounts, StageTask
 
 log = logging.getLogger("mks2.training")
 
@@ -50,6 +51,7 @@ def preflight(cfg: RunConfig, task: StageTask, world_size: int) -> None:
     problems = check_world_size(cfg, world_size) + task.check(cfg) + monitoring_problems(cfg)
     if problems:
         raise ConfigError(problems, source=f"run config (world size {world_size})")
+    resolve_global_batch(cfg, world_size)  # a global batch that scales with the world size becomes one number
 
 
 class Trainer:
@@ -62,8 +64,7 @@ class Trainer:
         self.preempt = faults.PreemptionFlag()
         self.loader: Any = None
         self._iter: Any = None
-        self._tokens = [0]  # tokens counted by the pipeline feed
-        self._positions = [0]
+        self._fed = BatchCounts()  # what the pipeline feed handed to the engine during this step
         self.last_saved: str | None = None
         self._preempt_all = False  # some rank got SIGTERM/SIGUSR1 (agreed through the per-step all-reduce)
 
@@ -86,8 +87,7 @@ class Trainer:
 
     def _pipeline_feed(self, batches):
         for batch in batches:
-            self._tokens[0] += self.task.count_tokens(batch)
-            self._positions[0] += self.task.count_positions(batch)
+            self._fed = self._fed + self.task.counts(batch)
             yield self.task.pipeline_tuples(self.task.prepare(batch, self.te.vision, self.te.device))
 
     # ---- resume -------------------------------------------------------------------------------
@@ -115,30 +115,29 @@ class Trainer:
 
     # ---- one optimizer step -------------------------------------------------------------------
 
-    def _step_zero3(self) -> tuple[torch.Tensor, int, int]:
-        """One optimizer step of gradient-accumulated micro-batches -> (0-d loss sum over them, tokens,
-        positions) of this rank."""
+    def _step_zero3(self) -> tuple[torch.Tensor, BatchCounts]:
+        """One optimizer step of gradient-accumulated micro-batches -> (0-d loss sum over them, what this
+        rank's micro-batches made the model compute)."""
         engine, te = self.engine, self.te
         loss_sum = torch.zeros((), device=te.device)
-        tokens = positions = 0
+        counts = BatchCounts()
         for _ in range(te.gradient_accumulation_steps):
             batch = next(self._iter)
-            tokens += self.task.count_tokens(batch)
-            positions += self.task.count_positions(batch)
+            counts = counts + self.task.counts(batch)  # host-side counts of the loader batch: no device sync
             loss = engine(**self.task.prepare(batch, te.vision, te.device))
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach().float()
-        return loss_sum, tokens, positions
+        return loss_sum, counts
 
-    def _step_pipeline(self) -> tuple[torch.Tensor, int, int]:
-        self._tokens[0] = self._positions[0] = 0
+    def _step_pipeline(self) -> tuple[torch.Tensor, BatchCounts]:
+        self._fed = BatchCounts()
         loss = self.engine.train_batch()
         micro = self.te.gradient_accumulation_steps
         # train_batch returns the step's mean loss on every stage; scale to a per-micro-batch sum so the
         # reduction below treats both modes alike (only last-stage ranks contribute it).
         contrib = loss.detach().float().to(self.te.device) * micro if self.te.is_last_stage else 0.0
-        return torch.as_tensor(contrib, device=self.te.device), self._tokens[0], self._positions[0]
+        return torch.as_tensor(contrib, device=self.te.device), self._fed
 
     def train_step(self) -> dict[str, Any]:
         te = self.te
@@ -146,12 +145,16 @@ class Trainer:
         faults.set_context(step=step, rank=self.rank)
         lr = float(self.engine.get_lr()[0])
         t0 = time.perf_counter()
-        loss_sum, tokens, positions = self._step_pipeline() if te.mode == ParallelMode.PIPELINE else self._step_zero3()
+        loss_sum, counts = self._step_pipeline() if te.mode == ParallelMode.PIPELINE else self._step_zero3()
         applied = bool(self.engine.was_step_applied())
         metric_sum, micro = self.task.sink.drain(te.device)
-        # One all-reduce per step: [loss, metrics..., micro-batches, tokens, positions, skipped, preempt]
+        # ONE all-reduce per step, on the engine's device (NCCL takes no CPU tensor):
+        # [loss, metrics..., micro-batches, skipped, preempt, counts...]. Counts come from the ranks that
+        # read the batches (every rank in zero3, one pipeline stage per data-parallel replica), so the sum
+        # is over the data-parallel ranks and the step's micro-batches.
         contributes_loss = te.mode == ParallelMode.ZERO3 or te.is_last_stage
-        counts_tokens = te.mode == ParallelMode.ZERO3 or te.is_first_stage
+        counts_data = te.mode == ParallelMode.ZERO3 or te.is_first_stage
+        k = len(self.task.metric_names)
         vec = torch.cat(
             [
                 loss_sum.reshape(1) if contributes_loss else torch.zeros(1, device=te.device),
@@ -159,12 +162,11 @@ class Trainer:
                 torch.tensor(
                     [
                         micro if contributes_loss else 0,
-                        tokens if counts_tokens else 0,
-                        positions if counts_tokens else 0,
                         0 if applied else 1,
                         1 if self.preempt.requested else 0,
+                        *(counts if counts_data else BatchCounts()).as_list(),
                     ],
-                    dtype=torch.float32,
+                    dtype=torch.float64,  # counts of a 256-GPU step exceed float32's exact integers
                     device=te.device,
                 ),
             ]
@@ -172,38 +174,32 @@ class Trainer:
         if dist.is_initialized():
             dist.all_reduce(vec)
         elapsed = time.perf_counter() - t0
-        k = len(self.task.metric_names)
-        n_micro = max(vec[1 + k].item(), 1.0)
-        skipped = vec[4 + k].item() > 0
-        self._preempt_all = vec[5 + k].item() > 0
+        host = vec.tolist()  # one device -> host copy
+        n_micro = max(host[1 + k], 1.0)
+        skipped_ranks = int(host[2 + k])
+        skipped = skipped_ranks > 0
+        self._preempt_all = host[3 + k] > 0
+        total = BatchCounts.from_list(host[4 + k :])
         self.state.step = step
-        self.state.tokens_total += int(vec[2 + k].item())
+        self.state.tokens_total += total.tokens
         if skipped:
             self.state.skipped_total += 1
             self.state.consecutive_skips += 1
         else:
             self.state.consecutive_skips = 0
-        record: dict[str, Any] = {"step": step, "loss": vec[0].item() / n_micro}
+        record: dict[str, Any] = {"step": step, "loss": host[0] / n_micro}
         for i, name in enumerate(self.task.metric_names):
-            record[name] = vec[1 + i].item() / n_micro
+            record[name] = host[1 + i] / n_micro
         grad_norm = self.engine.get_global_grad_norm()
         record.update(
             lr=lr,
             grad_norm=None if grad_norm is None else float(grad_norm),
-            tokens=int(vec[2 + k].item()),
-            tokens_per_s=vec[2 + k].item() / elapsed,
+            **step_accounting(total, elapsed, te.flops, self.cfg.train.precision.value, distributed.world_size()),
             step_time_s=elapsed,
             skipped=int(skipped),
-            skipped_ranks=int(vec[4 + k].item()),  # ranks whose engine discarded the update (all or none)
+            skipped_ranks=skipped_ranks,  # ranks whose engine discarded the update (all or none)
             skipped_total=self.state.skipped_total,
         )
-        peak = peak_flops_per_device(self.cfg.train.precision.value)
-        if peak is not None:
-            per_pos = train_flops_per_position(
-                te.llm_params, te.trainable_params, self.cfg.model.num_layers, self.cfg.model.hidden_size,
-                self.cfg.data.seq_len,
-            )  # fmt: skip
-            record["mfu"] = per_pos * vec[3 + k].item() / (elapsed * peak * distributed.world_size())
         return record
 
     # ---- checkpoints --------------------------------------------------------------------------
@@ -310,6 +306,27 @@ class Trainer:
         finally:
             self.preempt.uninstall()
             metrics.close()
+
+
+def step_accounting(
+    total: BatchCounts, elapsed: float, flops: FlopsModel | None, precision: str, world_size: int
+) -> dict[str, Any]:
+    """The step's throughput fields of ``metrics.jsonl`` from its counts summed over the data-parallel
+    ranks and micro-batches (definitions: README "Observability" and ``mks2.training.flops``)."""
+    out: dict[str, Any] = {
+        "samples": total.samples,
+        "tokens": total.tokens,
+        "positions": total.positions,
+        "padding_fraction": total.padding_fraction,
+        "tokens_per_s": total.tokens / elapsed,
+        "samples_per_s": total.samples / elapsed,
+    }
+    if flops is not None:
+        out["flops"] = flops.step_flops(total)
+        peak = peak_flops_per_device(precision)
+        if peak is not None:
+            out["mfu"] = out["flops"] / (elapsed * peak * world_size)
+    return out
 
 
 def warn_if_low_space(save_dir: Path, last_saved: str | None) -> None:

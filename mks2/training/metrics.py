@@ -1,6 +1,6 @@
 """Observability: ``metrics.jsonl`` (one object per optimizer step), the rank-0 progress bar,
 TensorBoard / CSV events through DeepSpeed's monitor, the W&B run (``mks2.training.monitoring``), and the
-FLOPs / MFU estimate."""
+peak FLOP/s that MFU divides by (the FLOPs that ran: ``mks2.training.flops``)."""
 
 from __future__ import annotations
 
@@ -43,14 +43,6 @@ def peak_flops_per_device(precision: str) -> float | None:
         if key in name and table.get(precision):
             return table[precision] * 1e12
     return None
-
-
-def train_flops_per_position(llm_params: int, trainable_params: int, num_layers: int, hidden: int, seq: int) -> float:
-    """FLOPs per processed token position for one training step: forward 2N, backward through the
-    activations 2N (the frozen layers still pass gradients down to the trainable MVMs below), weight
-    gradients 2N_trainable, plus attention scores (causal: ~6 L S D over forward + backward).
-    The frozen vision towers (forward only, outside the engine) are not counted."""
-    return 4.0 * llm_params + 2.0 * trainable_params + 6.0 * num_layers * seq * hidden
 
 
 class MetricsLog:
@@ -115,12 +107,7 @@ class MetricsLog:
             log_to_file(
                 f"step {record['step']}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in record.items() if k != "step")
             )
-            self.bar.set_postfix(
-                loss=_fmt(record.get("loss")),
-                tok_s=f"{record.get('tokens_per_s', 0):.0f}",
-                lr=f"{record.get('lr', 0):.2e}",
-                skipped=record.get("skipped_total", 0),
-            )
+            self.bar.set_postfix(bar_fields(record))
 
     def message(self, text: str) -> None:
         if self.enabled:
@@ -131,6 +118,20 @@ class MetricsLog:
         self.bar.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def bar_fields(record: dict[str, Any]) -> dict[str, str]:
+    """The progress bar's postfix: loss, real tokens/s, padding share, MFU (when known), lr, skipped."""
+    fields = {
+        "loss": _fmt(record.get("loss")),
+        "tok_s": f"{record.get('tokens_per_s', 0):.0f}",
+        "pad": f"{record.get('padding_fraction', 0):.0%}",
+    }
+    if "mfu" in record:
+        fields["mfu"] = f"{record['mfu']:.1%}"
+    fields["lr"] = f"{record.get('lr', 0):.2e}"
+    fields["skipped"] = str(record.get("skipped_total", 0))
+    return fields
 
 
 def _event_tag(key: str) -> str:

@@ -214,12 +214,25 @@ class Stage1Task(StageTask):
 
         return retrieval_eval(trainer)
 
+    # ---- accounting (StageTask.counts) for the padded layout: caption rows [B, S], retrieval [B, S_r] ----
+
+    def count_samples(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["ret_eos_index"].numel())  # one caption (and its image) per row
+
     def count_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["segment_ids"] != 0).sum() + (batch["ret_segment_ids"] != 0).sum())
 
     def count_positions(self, batch: dict[str, torch.Tensor]) -> int:
-        b = batch["input_ids"].shape[0]
+        b = batch["input_ids"].shape[0]  # stack_views pads both views to one [2B, max(S, S_r)] batch
         return 2 * b * max(batch["input_ids"].shape[1], batch["ret_input_ids"].shape[1])
+
+    def count_head_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["segment_ids"] != 0).sum())  # the LM head runs on the caption view only
+
+    def segment_lengths(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        from mks2.training.task import segment_lengths
+
+        return torch.cat([segment_lengths(batch["segment_ids"]), segment_lengths(batch["ret_segment_ids"])])
 
     def objective(self, model: nn.Module) -> nn.Module:
         return Stage1Objective(model, self)

@@ -13,7 +13,11 @@ else (engine, loop, checkpoints, resume, faults, logging) is shared and lives in
   returns the micro-batch's loss and records the metrics in ``sink``;
 - ``pipeline`` / ``pipeline_tuples``: the same step as a :class:`~mks2.training.pipeline.PipelineSpec`
   for ``deepspeed.pipe`` and the (first-stage inputs, last-stage labels) tuples that feed it;
-- ``evaluate``, ``count_tokens``, ``count_positions``: held-out metrics and throughput counts.
+- ``evaluate``: held-out metrics;
+- ``counts`` (from ``count_samples``, ``count_tokens``, ``count_positions``, ``count_head_tokens``,
+  ``count_image_tokens``, ``segment_lengths``): what one loader batch makes the model compute, for the
+  step's ``samples`` / ``tokens`` / ``positions`` / ``padding_fraction`` / ``flops`` / ``mfu``
+  (definitions: :class:`BatchCounts`). A stage (or a batch layout) overrides the small methods.
 
 The engine builder hands back one thing: ``dp_group``, the data-parallel process group, once it exists.
 """
@@ -21,6 +25,7 @@ The engine builder hands back one thing: ``dp_group``, the data-parallel process
 from __future__ import annotations
 
 import abc
+from dataclasses import astuple, dataclass, fields
 from typing import Any
 
 import torch
@@ -28,6 +33,64 @@ from torch import nn
 
 from mks2.config import RunConfig, Stage
 from mks2.training.pipeline import PipelineSpec
+
+
+@dataclass(frozen=True)
+class BatchCounts:
+    """What the model computes for one batch (or, summed, for one optimizer step). Every view counts:
+    stage 1's caption view (image prefix included) and retrieval view are both ``tokens``."""
+
+    samples: int = 0
+    """Captions (stage 1) or instruction samples (stage 2) of the batch."""
+    tokens: int = 0
+    """Real (non-padding) token positions processed, every view, image-prefix positions included."""
+    positions: int = 0
+    """Token positions the decoder computes, padding included (``tokens <= positions``)."""
+    head_tokens: int = 0
+    """Real tokens whose logits the LM head computes (stage 1: the caption view; stage 2: all)."""
+    image_tokens: int = 0
+    """Image-prefix positions (the trainable mapping runs on each)."""
+    attention_pairs: int = 0
+    """Causal (query, key) pairs of real tokens: ``sum n (n + 1) / 2`` over the segments (n real tokens
+    each; attention never crosses segments)."""
+
+    def __add__(self, other: BatchCounts) -> BatchCounts:
+        return BatchCounts(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
+
+    def as_list(self) -> list[float]:
+        return [float(v) for v in astuple(self)]
+
+    @classmethod
+    def from_list(cls, values: Any) -> BatchCounts:
+        """Inverse of :meth:`as_list` (e.g. after an all-reduce; float64 holds these counts exactly)."""
+        return cls(*(round(float(v)) for v in values))
+
+    @classmethod
+    def size(cls) -> int:
+        return len(fields(cls))
+
+    @property
+    def padding_fraction(self) -> float:
+        """1 - tokens / positions: the share of computed positions that are padding."""
+        return 1.0 - self.tokens / self.positions if self.positions else 0.0
+
+
+def segment_lengths(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Segment ids [B, S] (0 = padding, k = k-th document of the row, each contiguous) -> the real
+    length of every segment, int64 [number of segments], rows in order."""
+    seg = segment_ids.long()
+    if seg.numel() == 0:
+        return torch.zeros(0, dtype=torch.long)
+    rows = torch.arange(seg.shape[0], device=seg.device)[:, None] * (int(seg.max()) + 1)
+    key = torch.where(seg != 0, seg + rows, torch.full_like(seg, -1))  # [B, S], unique per (row, segment)
+    values, runs = torch.unique_consecutive(key.flatten(), return_counts=True)
+    return runs[values >= 0].cpu()
+
+
+def causal_pairs(lengths: torch.Tensor) -> int:
+    """Causal (query, key) pairs of segments of these lengths: sum n (n + 1) / 2."""
+    n = lengths.long()
+    return int((n * (n + 1) // 2).sum())
 
 
 class MetricSink:
@@ -142,10 +205,39 @@ class StageTask(abc.ABC):
         that step's record. Default: none."""
         return {}
 
+    # ---- accounting (definitions: BatchCounts). Defaults: one view, packed rows [B, S] ---------------
+
+    def counts(self, batch: dict[str, torch.Tensor]) -> BatchCounts:
+        """What the model computes for this loader batch (host tensors: no device sync)."""
+        return BatchCounts(
+            samples=self.count_samples(batch),
+            tokens=self.count_tokens(batch),
+            positions=self.count_positions(batch),
+            head_tokens=self.count_head_tokens(batch),
+            image_tokens=self.count_image_tokens(batch),
+            attention_pairs=causal_pairs(self.segment_lengths(batch)),
+        )
+
+    def count_samples(self, batch: dict[str, torch.Tensor]) -> int:
+        """Samples in this batch: one per segment (a packed row holds several)."""
+        return int(self.segment_lengths(batch).numel())
+
     def count_tokens(self, batch: dict[str, torch.Tensor]) -> int:
-        """Real (non-padding) tokens processed for this batch, for tokens/s."""
+        """Real (non-padding) tokens processed for this batch, every view, for tokens/s."""
         return int((batch["segment_ids"] != 0).sum())
 
     def count_positions(self, batch: dict[str, torch.Tensor]) -> int:
-        """Token positions the model computes for this batch (padding included), for the FLOPs estimate."""
+        """Token positions the model computes for this batch (padding included)."""
         return int(batch["input_ids"].numel())
+
+    def count_head_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """Real tokens whose logits the LM head computes (default: all)."""
+        return self.count_tokens(batch)
+
+    def count_image_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """Image-prefix positions (the collator expands each placeholder to the prefix length)."""
+        return int((batch["input_ids"] == int(self.cfg.model.vision.image_token_id)).sum())
+
+    def segment_lengths(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Real length of every segment the model attends within (every view), int64 [n]."""
+        return segment_lengths(batch["segment_ids"])
