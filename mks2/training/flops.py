@@ -3,8 +3,8 @@
 ``flops_model(model, recompute=...)`` walks the modules a forward pass runs, in the order it runs them
 (``MKS2ForCausalLM.forward`` -> ``DecoderLayer.forward`` / ``DecoderLayer.ffn``), and reads every
 weight's ``requires_grad``; the step's FLOPs are then :meth:`FlopsModel.step_flops` of the step's
-:class:`~mks2.training.task.BatchCounts` (real tokens, image-prefix tokens, samples, causal attention
-pairs per segment), summed over the data-parallel ranks and micro-batches.
+:class:`~mks2.training.task.BatchCounts` (real tokens, LM-head, image-prefix and retrieval tokens,
+causal attention pairs per segment), summed over the data-parallel ranks and micro-batches.
 
 Counted per matmul weight of N parameters and per token that runs through it:
 
@@ -22,7 +22,7 @@ Counted per matmul weight of N parameters and per token that runs through it:
   ``4 H d`` (QK^T and PV, H query heads of width d), backward twice that when gradients flow through;
 - modules that run on part of the tokens only: the LM head on the tokens whose logits are computed
   (stage 1: the caption view; stage 2: every token), the image mapping on the image-prefix tokens, the
-  stage-1 retrieval projection once per caption (its EOS state);
+  stage-1 retrieval projection on the tokens it projects (each caption's EOS state);
 - padding positions are NOT counted (they are computed, but no useful work: ``padding_fraction`` says
   how much runs on them); embedding lookups, norms, activations, softmax and the MoME mixing are not
   counted (no matmul); the frozen vision towers, which run outside the engine (forward only), are
@@ -58,8 +58,8 @@ class FlopsModel:
     """LM head, per token whose logits are computed."""
     mapping_per_token: float
     """Trainable image mapping, per image-prefix token."""
-    per_sample: float
-    """Heads run once per sample (stage 1: the retrieval projection of each caption's EOS state)."""
+    retrieval_per_token: float
+    """Stage-1 retrieval projection, per token it runs on (each caption's EOS state)."""
     recompute: bool
     """Whether activation recompute is counted (``train.activation_checkpointing``)."""
 
@@ -70,7 +70,7 @@ class FlopsModel:
             + self.attention_per_pair * counts.attention_pairs
             + self.lm_head_per_token * counts.head_tokens
             + self.mapping_per_token * counts.image_tokens
-            + self.per_sample * counts.samples
+            + self.retrieval_per_token * counts.retrieval_tokens
         )
 
 
@@ -174,16 +174,16 @@ def flops_model(model: nn.Module, *, recompute: bool) -> FlopsModel:
     grad = grad or _trainable_elementwise(model.model.norm)
     head = _Tally()
     _linear(head, model.lm_head, grad)
-    per_sample = _Tally()
+    proj = _Tally()
     retrieval = getattr(model, "retrieval", None)
     if retrieval is not None:
-        _linear(per_sample, retrieval.proj, grad)
+        _linear(proj, retrieval.proj, grad)
     return FlopsModel(
         decoder_per_token=dense.fwd + dense.bwd + recomputed[0],
         attention_per_pair=attn.fwd + attn.bwd + recomputed[1],
         lm_head_per_token=head.fwd + head.bwd,
         mapping_per_token=mapping.fwd + mapping.bwd,
-        per_sample=per_sample.fwd + per_sample.bwd,
+        retrieval_per_token=proj.fwd + proj.bwd,
         recompute=recompute,
     )
 

@@ -53,6 +53,9 @@ class BatchCounts:
     attention_pairs: int = 0
     """Causal (query, key) pairs of real tokens: ``sum n (n + 1) / 2`` over the segments (n real tokens
     each; attention never crosses segments)."""
+    retrieval_tokens: int = 0
+    """Real tokens the stage-1 retrieval projection runs on (one EOS state per caption when it picks them
+    before projecting); 0 in stage 2."""
 
     def __add__(self, other: BatchCounts) -> BatchCounts:
         return BatchCounts(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
@@ -216,6 +219,7 @@ class StageTask(abc.ABC):
             head_tokens=self.count_head_tokens(batch),
             image_tokens=self.count_image_tokens(batch),
             attention_pairs=causal_pairs(self.segment_lengths(batch)),
+            retrieval_tokens=self.count_retrieval_tokens(batch),
         )
 
     def count_samples(self, batch: dict[str, torch.Tensor]) -> int:
@@ -231,8 +235,12 @@ class StageTask(abc.ABC):
         return int(batch["input_ids"].numel())
 
     def count_head_tokens(self, batch: dict[str, torch.Tensor]) -> int:
-        """Real tokens whose logits the LM head computes (default: all)."""
+        """Real tokens the LM head runs on (padding excluded even where it runs on padding; default: all)."""
         return self.count_tokens(batch)
+
+    def count_retrieval_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """Real tokens the retrieval projection runs on (default: none, no retrieval head)."""
+        return 0
 
     def count_image_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         """Image-prefix positions (the collator expands each placeholder to the prefix length)."""
