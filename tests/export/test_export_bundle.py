@@ -7,6 +7,7 @@ import hashlib
 import json
 
 import pytest
+import torch
 
 from mks2.export import export_model
 from mks2.export.bundle import BundleError, bundle_sources, module_path, rewrite_imports
@@ -84,3 +85,29 @@ def test_rewrite_examples():
     text, needed = rewrite_imports("from mks2 import ops\n", "demo.py")
     assert text == "from .mks2_export_remote_ops_reference import ops\n"
     assert needed == ["mks2.export.remote.ops_reference"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("experts", [2, 3])
+def test_exported_mixing_without_autograd_equals_the_kernels_reference(dtype, experts):
+    """generate() runs the export's op-lean mixing (no autograd); it computes the reference's formula."""
+    from mks2_kernels.reference import forward as reference_forward
+
+    from mks2.export.remote.ops_reference import mome_mix
+
+    gen = torch.Generator().manual_seed(experts)
+    x = torch.randn(3, 5, 16, generator=gen).to(dtype)
+    w = torch.randn(experts, 16, generator=gen).to(dtype)
+    y = torch.randn(experts, 3, 5, 16, generator=gen).to(dtype)
+    want, want_gates = reference_forward(x.reshape(-1, 16), w, y.reshape(experts, -1, 16))
+    with torch.no_grad():
+        got, gates = mome_mix(x, w, y, return_gates=True)
+    assert got.dtype == dtype and gates.dtype == torch.float32 and got.shape == x.shape
+    torch.testing.assert_close(gates.reshape(-1, experts), want_gates, rtol=1e-6, atol=1e-6)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.reshape(-1, 16).float(), want.float(), rtol=tol, atol=tol)
+    with torch.enable_grad():  # with autograd: the reference itself
+        xg = x.float().requires_grad_()
+        out = mome_mix(xg, w.float(), y.float())
+        out.sum().backward()
+    assert xg.grad is not None
