@@ -78,6 +78,15 @@ class ParallelMode(str, enum.Enum):
     """Pipeline parallel x data parallel with ZeRO-1."""
 
 
+class FrozenBase(str, enum.Enum):
+    PARTITION = "partition"
+    """ZeRO-3 partitions the frozen base with everything else: least GPU memory, but every micro-batch
+    all-gathers it three times (forward, recompute, backward)."""
+    REPLICATE = "replicate"
+    """The frozen base in the training dtype on every GPU, no per-micro-batch gathers; only the trainable
+    state (gradients, fp32 master weights, Adam moments) is partitioned: DeepSpeed ZeRO-2."""
+
+
 class Offload(str, enum.Enum):
     NONE = "none"
     """Everything stays on the accelerator."""
@@ -94,6 +103,13 @@ class Precision(str, enum.Enum):
     """bfloat16 (DeepSpeed keeps fp32 master weights)."""
     FP16 = "fp16"
     """float16 with DeepSpeed's dynamic loss scaling."""
+
+
+class LongCaptions(str, enum.Enum):
+    """What stage-1 packing does with a caption longer than a row (``data.long_captions``)."""
+
+    TRUNCATE = "truncate"
+    REFUSE = "refuse"
 
 
 class ChatTemplate(str, enum.Enum):
@@ -352,13 +368,33 @@ class DataConfig:
     in each manifest at pretokenization."""
     cache_dir: str = "~/.cache/mks2"
     """Where demo data and other derived artefacts are built."""
+    demo_world: str = "no_leak"
+    """Which demo world ``demo:NAME`` placeholders resolve to: ``no_leak`` (only images link a held-out
+    object's name to its looks) or ``paper`` (stage-1 captions describe appearance, as real captions do);
+    see ``mks2/demo/README.md``. Ignored without demo placeholders."""
     seq_len: int = 2048
     """Tokens per sample after packing or padding (vision prefix included)."""
     packing: bool = True
-    """Pack short samples into one sequence (attention isolated per document); else pad. Must be false in
-    stage ``mvm`` (one captioned image per row, for retrieval)."""
+    """Pack short samples into one sequence (attention isolated per document); else pad. Stage ``mvm``: each
+    micro-batch is a token budget (``tokens_per_micro_batch``) of (caption view, retrieval view) pairs, each
+    view its own segment; ``false`` pads every caption row and retrieval row to ``seq_len`` (the old layout)."""
+    tokens_per_micro_batch: int = 0
+    """Stage ``mvm`` with ``packing``: tokens per micro-batch, in rows of ``seq_len`` (a multiple of it);
+    ``0``: ``seq_len x train.micro_batch_size``. ``train.micro_batch_size`` stays the average captions per
+    micro-batch (a step holds ``global_batch_size`` captions); size the budget to about 1.1x their tokens
+    (caption view P + caption + 2, retrieval view caption + 2) so few positions are padding."""
+    long_captions: LongCaptions = LongCaptions.TRUNCATE
+    """Stage ``mvm`` with ``packing``: a caption view longer than a row (``seq_len``) is ``truncate``d with its
+    EOS kept (trained and counted), or ``refuse``d (the run stops naming its file and row)."""
     num_workers: int = 2
     """DataLoader worker processes per rank (image decoding and processing run there)."""
+    max_images_skipped: int = 100
+    """Training: undecodable images (missing, truncated, not an image) tolerated over the whole run (resumes
+    included), summed over all ranks. Each one's sample keeps its place in the batch with no loss (and no
+    part in stage 1's retrieval loss), so batches and resume stay exact; ``metrics.jsonl`` counts them
+    (``images_skipped`` per step, ``images_skipped_total``) and the log names the files. One more than this
+    stops every rank together at the end of that step, naming the files and the step. ``0``: the first one
+    stops the run; ``-1``: no limit."""
     verify_hashes: bool = True
     """Check shard sha256 against the manifest at start-up (slow on huge datasets)."""
     chat_template: ChatTemplate = ChatTemplate.LLAMA2
@@ -372,6 +408,15 @@ def data_problems(d: DataConfig) -> list[str]:
         p.append(f"data.seq_len: must be positive, got {d.seq_len}")
     if d.num_workers < 0:
         p.append(f"data.num_workers: must be >= 0, got {d.num_workers}")
+    if d.max_images_skipped < -1:
+        p.append(f"data.max_images_skipped: must be >= -1 (-1: no limit), got {d.max_images_skipped}")
+    if d.tokens_per_micro_batch < 0 or (d.seq_len >= 1 and d.tokens_per_micro_batch % d.seq_len):
+        p.append(
+            f"data.tokens_per_micro_batch={d.tokens_per_micro_batch}: must be 0 or a positive multiple of "
+            f"data.seq_len={d.seq_len} (packed rows of seq_len tokens)"
+        )
+    if d.demo_world not in ("no_leak", "paper"):
+        p.append(f"data.demo_world: must be no_leak or paper, got {d.demo_world!r}")
     for i, src in enumerate(d.datasets):
         if src.weight <= 0:
             p.append(f"data.datasets[{i}].weight: must be positive, got {src.weight}")
@@ -386,8 +431,15 @@ class TrainConfig:
     """Seed of the model initialisation (identical on every rank) and of the data order."""
     micro_batch_size: int = 1
     """Samples per rank per forward pass."""
-    global_batch_size: int = 8
-    """Samples per optimizer step over all data-parallel ranks; must be micro x dp x accumulation."""
+    global_batch_size: int | None = 8
+    """Samples per optimizer step over all data-parallel ranks (fixed global batch): micro x dp x accumulation,
+    the accumulation derived from it, so it must be a multiple of micro x dp on every world size it runs on.
+    ``null``: the global batch scales with the world size, micro x dp x ``grad_accumulation_steps`` (what the
+    shipped Llama-2 configs do, so they run unchanged on 8 to 256 GPUs). When both are set they must agree."""
+    grad_accumulation_steps: int | None = None
+    """Micro-batches per rank per optimizer step; ``null``: derived from ``global_batch_size`` (1 when that is
+    null too). Set it (and ``global_batch_size: null``) to fix the per-GPU work instead of the global batch:
+    the global batch then grows with the data-parallel size, so scale ``lr`` and ``max_steps`` with it."""
     lr: float = 1e-4
     """Peak learning rate, reached after ``warmup_steps`` (AdamW)."""
     min_lr: float = 1e-5
@@ -454,8 +506,12 @@ def train_problems(t: TrainConfig) -> list[str]:
     p: list[str] = []
     if t.micro_batch_size < 1:
         p.append(f"train.micro_batch_size: must be positive, got {t.micro_batch_size}")
-    if t.global_batch_size < 1:
-        p.append(f"train.global_batch_size: must be positive, got {t.global_batch_size}")
+    if t.grad_accumulation_steps is not None and t.grad_accumulation_steps < 1:
+        p.append(f"train.grad_accumulation_steps: must be positive or null, got {t.grad_accumulation_steps}")
+    if t.global_batch_size is None:
+        pass  # scales with the world size: micro x dp x grad_accumulation_steps (mks2.training.batch)
+    elif t.global_batch_size < 1:
+        p.append(f"train.global_batch_size: must be positive or null, got {t.global_batch_size}")
     elif t.micro_batch_size >= 1 and t.global_batch_size % t.micro_batch_size:
         p.append(
             f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
@@ -494,7 +550,17 @@ class ParallelConfig:
     pipeline_stages: int = 1
     """Pipeline stages P (pipeline mode); the world size must be divisible by P."""
     zero_stage: int | None = None
-    """ZeRO stage; defaults to 3 for zero3 and 1 for pipeline (which allows only 0 or 1)."""
+    """ZeRO stage; defaults to 3 for zero3 (2 with ``frozen_base=replicate``) and 1 for pipeline (which allows
+    only 0 or 1)."""
+    frozen_base: FrozenBase = FrozenBase.PARTITION
+    """zero3 mode: ``partition`` (ZeRO-3) or ``replicate`` (ZeRO-2: frozen weights on every GPU, trainable
+    state partitioned); pipeline mode always replicates within a stage. Per GPU per micro-batch ZeRO-3 moves
+    3 x (all weights) + the trainable gradients (``python tools/memory_table.py --traffic``): 7B stage 1/2
+    ~75/67 GB, 13B ~146/129 GB, a few seconds of inter-node traffic against ~1-2 s of compute; replicate moves
+    only the trainable gradients each micro-batch and the updated trainable weights once a step (7B stage 1
+    ~9 GB, 13B ~17 GB; stage 2 ~0.1 GB). The price is GPU memory: the whole model in bf16 on every GPU plus
+    1/N of the trainable state (docs/BENCHMARKS.md memory table: 13B stage 1 ~58 GB on 8 GPUs, so 80 GB
+    GPUs). The shipped Llama-2 configs replicate; the default stays ``partition`` because it fits any GPU."""
     offload: Offload = Offload.NONE
     """ZeRO-3 optimizer/parameter offload."""
     nvme_path: str | None = None
@@ -524,6 +590,17 @@ def parallel_problems(par: ParallelConfig) -> list[str]:
             f"parallel.pipeline_stages={par.pipeline_stages} needs parallel.mode=pipeline "
             "(zero3 mode is pure data parallel)"
         )
+    if par.mode == ParallelMode.ZERO3 and par.frozen_base == FrozenBase.REPLICATE:
+        if zero == 3:
+            p.append(
+                "parallel.frozen_base=replicate keeps the frozen base out of ZeRO-3 partitioning: it runs ZeRO-2; "
+                "drop parallel.zero_stage=3 (or use frozen_base=partition)"
+            )
+        if par.offload != Offload.NONE:
+            p.append(
+                f"parallel.offload={par.offload.value} offloads partitioned parameters (ZeRO-3): it needs "
+                "parallel.frozen_base=partition"
+            )
     if par.offload == Offload.NVME and not par.nvme_path:
         p.append("parallel.nvme_path: required when parallel.offload=nvme")
     return p

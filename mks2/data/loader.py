@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -35,7 +36,7 @@ from mks2.config import RunConfig, Stage
 from mks2.data.collate import Collator
 from mks2.data.dataset import PretokenizedDataset
 from mks2.data.errors import DatasetError
-from mks2.data.images import ImageLoader
+from mks2.data.images import ImageLoader, find_placeholders
 from mks2.data.sampler import DistributedSampler, EvalSampler, SampleStream, Unit, UnitStream
 
 
@@ -55,23 +56,31 @@ class RowDataset(torch.utils.data.Dataset):
         for d, i in unit:
             ds = self.datasets[d]
             s = ds[i]
-            pixels = None
+            pixels, loss_mask = None, s["loss_mask"]
             if s["image"] is not None:
                 loader = self.image_loaders[d]
                 if loader is None:
                     raise DatasetError(f"{ds.path} sample {i} has an image but no image processor was given")
-                pixels = loader(s["image"], where=f"{ds.path} sample {i}")
-            samples.append({"input_ids": s["input_ids"], "loss_mask": s["loss_mask"], "pixel_values": pixels})
+                pixels, failure = loader.load(s["image"], where=f"{ds.path} sample {i}")
+                if failure is not None:
+                    # Undecodable: a tagged placeholder image and no loss on this sample. The sample keeps
+                    # its place and its tokens, so shapes, packing and the sampler's accounting are what they
+                    # would be; the step counts it (images_skipped) from the tag (mks2.data.images).
+                    loss_mask = np.zeros_like(loss_mask)
+            samples.append({"input_ids": s["input_ids"], "loss_mask": loss_mask, "pixel_values": pixels})
         return samples
 
 
 class MKS2DataLoader:
     """Batches for one data-parallel rank, with an exact, DP-size-independent ``state_dict()``."""
 
-    def __init__(self, loader: DataLoader, sampler: DistributedSampler | EvalSampler, batch_size: int):
+    def __init__(self, loader: DataLoader, sampler: Any, batch_size: int, *, commit_per_batch: int | None = None):
         self.loader = loader
         self.sampler = sampler
         self.batch_size = batch_size
+        self.skipped_images: list[str] = []  # see take_skipped_images
+        # Units the sampler commits per batch handed out: B rows, or one packed stage-1 micro-batch.
+        self._commit_count = batch_size if commit_per_batch is None else commit_per_batch
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         # Start torch's iterator NOW, not at the first next(): it draws its worker base seed from the global
@@ -81,8 +90,10 @@ class MKS2DataLoader:
 
     def _commit(self, batches: Iterator[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
         for batch in batches:
-            if isinstance(self.sampler, DistributedSampler):
-                self.sampler.commit(self.batch_size)
+            if "pixel_values" in batch:  # tags of undecodable images, read as the batch is handed out
+                self.skipped_images += find_placeholders(batch["pixel_values"])[1]
+            if not isinstance(self.sampler, EvalSampler):
+                self.sampler.commit(self._commit_count)
             yield batch
 
     def __len__(self) -> int:
@@ -90,13 +101,19 @@ class MKS2DataLoader:
             return len(self.sampler) // self.batch_size
         raise TypeError("the training loader is infinite")
 
+    def take_skipped_images(self) -> list[str]:
+        """Notes ("<file> (<reason>)") of the undecodable images in the batches handed out since the last
+        call, in order; clears them. Their samples carried no loss (``mks2.data.images``)."""
+        out, self.skipped_images = self.skipped_images, []
+        return out
+
     def state_dict(self) -> dict[str, Any]:
-        if not isinstance(self.sampler, DistributedSampler):
+        if isinstance(self.sampler, EvalSampler):
             raise TypeError("the eval loader has no resumable state")
         return self.sampler.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not isinstance(self.sampler, DistributedSampler):
+        if isinstance(self.sampler, EvalSampler):
             raise TypeError("the eval loader has no resumable state")
         self.sampler.load_state_dict(state)
 
@@ -160,6 +177,7 @@ def build_dataloader(
     split: str = "train",
     batch_size: int | None = None,
     num_workers: int | None = None,
+    grad_accumulation_steps: int = 1,
 ) -> MKS2DataLoader:
     """See the module docstring."""
     if split not in ("train", "eval"):
@@ -172,11 +190,6 @@ def build_dataloader(
         wrong = [f"{d.path} ({d.kind})" for d in datasets if d.kind != "caption"]
         if wrong:
             raise DatasetError(f"stage mvm trains on caption datasets; got {', '.join(wrong)}")
-        if packing:
-            raise DatasetError(
-                "data.packing=true is not supported in stage mvm: the retrieval objective needs one caption "
-                "(and one image) per row; set data.packing=false"
-            )
     with_images = [d for d in datasets if d.has_images]
     if with_images and (image_processor is None or num_prefix_tokens < 1):
         raise DatasetError(
@@ -184,6 +197,11 @@ def build_dataloader(
             f"num_prefix_tokens >= 1 (got {num_prefix_tokens})"
         )
     tok = datasets[0].manifest["tokenizer"]
+    if retrieval and packing:
+        return _packed_stage1_loader(cfg, datasets, weights, rank=rank, world_size=world_size, state=state,
+                                     image_processor=image_processor, num_prefix_tokens=num_prefix_tokens,
+                                     grad_accumulation_steps=grad_accumulation_steps,
+                                     num_workers=num_workers)  # fmt: skip
     collator = Collator(
         seq_len=seq_len,
         num_prefix_tokens=num_prefix_tokens,
@@ -227,3 +245,64 @@ def build_dataloader(
         drop_last=False,
     )
     return MKS2DataLoader(loader, sampler, B)
+
+
+def _packed_stage1_loader(
+    cfg: RunConfig,
+    datasets: list[PretokenizedDataset],
+    weights: list[float],
+    *,
+    rank: int,
+    world_size: int,
+    state: dict[str, Any] | None,
+    image_processor: Any,
+    num_prefix_tokens: int,
+    grad_accumulation_steps: int,
+    num_workers: int | None,
+) -> MKS2DataLoader:
+    """Stage 1 with ``data.packing``: token-budget micro-batches of (caption, retrieval) pairs, a step of
+    micro x dp x GAS captions planned identically on every rank (``mks2.data.stage1_packing``)."""
+    from mks2.data.stage1_packing import PackedPairCollator, PackedStepSampler, PairDataset
+
+    seq_len, P = cfg.data.seq_len, num_prefix_tokens
+    rows = tokens_per_micro_batch(cfg) // seq_len
+    tok = datasets[0].manifest["tokenizer"]
+    collator = PackedPairCollator(
+        seq_len=seq_len, rows=rows, num_prefix_tokens=P, image_token_id=cfg.model.vision.image_token_id,
+        pad_id=tok["pad_id"] if tok.get("pad_id") is not None else 0, eos_id=tok["eos_id"],
+    )  # fmt: skip
+    loaders = [
+        ImageLoader(image_processor, cfg.data.image_root or d.manifest.get("image_root")) if d.has_images else None
+        for d in datasets
+    ]
+    stream = SampleStream([len(d) for d in datasets], weights=weights, seed=cfg.train.seed, shuffle=True)
+    sampler = PackedStepSampler(
+        stream,
+        rank=rank,
+        world_size=world_size,
+        grad_accumulation_steps=grad_accumulation_steps,
+        captions_per_step=cfg.train.micro_batch_size * world_size * grad_accumulation_steps,
+        rows=rows,
+        seq_len=seq_len,
+        num_prefix_tokens=P,
+        length=lambda d, i: datasets[d].length(i),
+        where=lambda d, i: f"{datasets[d].path} row {i}",
+        refuse_long=getattr(cfg.data.long_captions, "value", cfg.data.long_captions) == "refuse",
+    )
+    if state is not None:
+        sampler.load_state_dict(state)
+    workers = cfg.data.num_workers if num_workers is None else num_workers
+    loader = DataLoader(
+        PairDataset(RowDataset(datasets, loaders)),
+        batch_sampler=sampler,  # type: ignore[arg-type]
+        collate_fn=collator,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
+    return MKS2DataLoader(loader, sampler, cfg.train.micro_batch_size, commit_per_batch=1)
+
+
+def tokens_per_micro_batch(cfg: RunConfig) -> int:
+    """The stage-1 packed budget: ``data.tokens_per_micro_batch``, or ``data.seq_len x train.micro_batch_size``."""
+    return cfg.data.tokens_per_micro_batch or cfg.data.seq_len * cfg.train.micro_batch_size

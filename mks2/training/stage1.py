@@ -10,6 +10,14 @@ are gathered once per micro-batch instead of twice. The captioning loss reads th
 the retrieval loss takes the final-norm hidden state at ``ret_eos_index`` of the last B rows,
 projects and normalises it, and contrasts it (symmetric InfoNCE, learnable temperature) with the
 frozen, normalised pooled image embeddings of the WHOLE data-parallel batch.
+
+That is the padded layout (``data.packing=false``). With ``data.packing`` (the default) a micro-batch is a
+token budget of [R, S] rows holding as many (caption view, retrieval view) pairs as fit, each view a
+segment of its own (``mks2.data.stage1_packing``): the caption loss is taken at the positions that
+predict a caption token (only those go through ``lm_head``), the retrieval loss at each pair's EOS
+(``ret_eos_flat``), and both are sums scaled by the step's global counts, so the step's loss is the mean
+over the global batch's caption tokens (pairs) however the captions were packed. Negatives are the pairs
+of this micro-batch index on every rank (their count varies per rank: a padded gather).
 """
 
 from __future__ import annotations
@@ -20,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mks2.config import RunConfig, Stage
+from mks2.config import ParallelMode, RunConfig, Stage
 from mks2.constants import IGNORE_INDEX
 from mks2.model import causal_lm_loss
-from mks2.training.losses import contrastive_loss
+from mks2.training.losses import caption_targets, contrastive_loss, contrastive_sums
 from mks2.training.pipeline import HeadPipe, PipelineSpec, build_pipeline_spec
 from mks2.training.task import StageTask
 
@@ -162,6 +170,127 @@ class Stage1PipeLoss:
 
 
 # --------------------------------------------------------------------------------------------
+# Packed micro-batches (data.packing=true): [R, S] rows of (caption, retrieval) view segments
+# --------------------------------------------------------------------------------------------
+
+
+def packed_stage1_loss(
+    task: Stage1Task,
+    *,
+    caption_logits: torch.Tensor,
+    caption_targets: torch.Tensor,
+    text_emb: torch.Tensor,
+    image_emb: torch.Tensor,
+    logit_scale: torch.Tensor,
+    caption_scale: torch.Tensor,
+    retrieval_scale: torch.Tensor,
+) -> torch.Tensor:
+    """Weighted caption + retrieval loss of one packed micro-batch; records the metrics in ``task.sink``.
+
+    caption_logits [T, V] at the T positions predicting caption_targets [T]; text_emb / image_emb [K, E]
+    L2-normalised (K pairs, may be 0). ``caption_scale`` = micro-batches of the step (dp x GAS) / caption
+    tokens of the step (all ranks), ``retrieval_scale`` the same per pair: the loop's (and DeepSpeed's)
+    mean over the step's micro-batches of these scaled sums is the global-batch mean. Evaluation
+    (``task.collect``) never runs packed batches."""
+    from mks2.training.faults import maybe_poison
+
+    t = task.cfg.train
+    cap_sum = F.cross_entropy(caption_logits.float(), caption_targets, reduction="sum")
+    ret_sum, correct = contrastive_sums(text_emb, image_emb, logit_scale, task.dp_group)
+    loss_caption = cap_sum * caption_scale
+    loss_retrieval = ret_sum * retrieval_scale
+    loss = t.caption_loss_weight * loss_caption + t.retrieval_loss_weight * loss_retrieval
+    loss = maybe_poison(loss)
+    task.sink.record(
+        {
+            "loss_caption": loss_caption,
+            "loss_retrieval": loss_retrieval,
+            "retrieval_acc": correct * retrieval_scale,
+            "logit_scale": logit_scale.detach().float().exp().clamp(max=100.0),
+        }
+    )
+    return loss
+
+
+def _eos_states(hidden: torch.Tensor, ret_eos_flat: torch.Tensor) -> torch.Tensor:
+    """hidden [R, S, D], flat indices [K] -> [K, 1, D] (one-token rows for ``RetrievalHead.encode_text``)."""
+    return hidden.reshape(-1, 1, hidden.shape[-1])[ret_eos_flat]
+
+
+class PackedStage1Objective(Stage1Objective):
+    """The ZeRO-3 module for packed micro-batches: one forward over [R, S] rows, then both losses. The
+    held-out evaluation's padded batches (``ret_eos_index``) take the padded path of the parent."""
+
+    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+        if "ret_eos_index" in batch:
+            return super().forward(**batch)
+        return self.forward_packed(**batch)
+
+    def forward_packed(
+        self,
+        input_ids: torch.Tensor,  # [R, S]
+        position_ids: torch.Tensor,  # [R, S]
+        segment_ids: torch.Tensor,  # [R, S]
+        labels: torch.Tensor,  # [R, S]
+        vision_features: torch.Tensor,  # [K, P, F], K may be 0
+        image_emb: torch.Tensor,  # [K, E]
+        ret_eos_flat: torch.Tensor,  # [K]
+        caption_scale: torch.Tensor,  # [1]
+        retrieval_scale: torch.Tensor,  # [1]
+    ) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, position_ids=position_ids, segment_ids=segment_ids,
+                         vision_features=vision_features, return_logits=False)  # fmt: skip
+        hidden = out.hidden_states  # [R, S, D]
+        pred, targets = caption_targets(labels, segment_ids)  # [T], [T]
+        logits = self.model.lm_head(hidden.reshape(-1, hidden.shape[-1])[pred])  # [T, V]
+        eos = _eos_states(hidden, ret_eos_flat)
+        text_emb = self.model.retrieval.encode_text(eos, torch.zeros_like(ret_eos_flat))  # [K, E]
+        return packed_stage1_loss(
+            self._task[0], caption_logits=logits, caption_targets=targets, text_emb=text_emb, image_emb=image_emb,
+            logit_scale=self.model.retrieval.logit_scale, caption_scale=caption_scale.reshape(()),
+            retrieval_scale=retrieval_scale.reshape(()),
+        )  # fmt: skip
+
+
+class PackedStage1HeadPipe(HeadPipe):
+    """Last pipeline layer for packed micro-batches: final norm, LM head and retrieval projection on all
+    [R, S] positions (the loss picks the caption positions and EOS states; labels carry their indices, so
+    nothing of varying shape travels between stages)."""
+
+    retrieval: nn.Module
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        hidden, _, segment_ids = inputs[:3]
+        hidden = self.norm(hidden)  # [R, S, D]
+        logits = self.lm_head(hidden)  # [R, S, V]
+        proj = self.retrieval.proj(hidden.to(self.retrieval.proj.weight.dtype))  # [R, S, E]
+        return logits, segment_ids, proj, self.retrieval.logit_scale.reshape(1)
+
+
+class PackedStage1PipeLoss:
+    """Loss callable of the last pipeline stage for packed micro-batches."""
+
+    def __init__(self, task: Stage1Task):
+        self.task = task
+
+    def __call__(self, outputs: tuple[torch.Tensor, ...], labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        logits, segment_ids, proj, logit_scale = outputs
+        caption_labels, image_emb, ret_eos_flat, caption_scale, retrieval_scale = labels
+        pred, targets = caption_targets(caption_labels, segment_ids)
+        text = proj.reshape(-1, proj.shape[-1])[ret_eos_flat]  # [K, E]
+        return packed_stage1_loss(
+            self.task, caption_logits=logits.reshape(-1, logits.shape[-1])[pred], caption_targets=targets,
+            text_emb=F.normalize(text.float(), dim=-1), image_emb=image_emb, logit_scale=logit_scale.reshape(()),
+            caption_scale=caption_scale.reshape(()), retrieval_scale=retrieval_scale.reshape(()),
+        )  # fmt: skip
+
+
+def packed(batch: dict[str, torch.Tensor]) -> bool:
+    """Whether a loader batch is a packed stage-1 micro-batch (else the padded two-view layout)."""
+    return "ret_eos_flat" in batch
+
+
+# --------------------------------------------------------------------------------------------
 # The task
 # --------------------------------------------------------------------------------------------
 
@@ -173,6 +302,7 @@ class Stage1Task(StageTask):
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
         self.collect: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # evaluation: embeddings
+        self._image_dim: int | None = None
 
     def check(self, cfg: RunConfig) -> list[str]:
         p = super().check(cfg)
@@ -180,7 +310,13 @@ class Stage1Task(StageTask):
             p.append(f"model.stage={cfg.model.stage.value}: launch/pretrain_mvm.py trains stage 'mvm'")
         # (stage mvm without a vision front-end never gets here: the config's validation rejects it)
         if cfg.data.packing:
-            p.append("data.packing: must be false in stage 1 (one captioned image per row for retrieval)")
+            p += packing_problems(cfg)
+            if cfg.parallel.mode == ParallelMode.PIPELINE and cfg.data.eval_datasets and cfg.train.eval_interval >= 0:
+                p.append(
+                    "data.packing with parallel.mode=pipeline: the held-out retrieval evaluation runs padded "
+                    "batches, whose activation shape differs from the packed [R, seq_len]; set "
+                    "train.eval_interval=-1 (or data.packing=false) in pipeline mode"
+                )
         if not cfg.data.datasets:
             p.append("data.datasets: stage 1 needs at least one caption dataset")
         return p
@@ -188,6 +324,7 @@ class Stage1Task(StageTask):
     def build_loader(self, cfg: RunConfig, *, dp_rank: int, dp_size: int, state: Any = None) -> Any:
         from mks2.data import build_dataloader
         from mks2.model.vision import load_image_processor, vision_prefix_length
+        from mks2.training.batch import grad_accumulation_steps
 
         return build_dataloader(
             cfg,
@@ -197,15 +334,43 @@ class Stage1Task(StageTask):
             image_processor=load_image_processor(cfg.model),
             num_prefix_tokens=vision_prefix_length(cfg.model),
             state=state,
+            grad_accumulation_steps=grad_accumulation_steps(cfg, dp_size),
         )
 
     def prepare(self, batch: dict[str, torch.Tensor], vision: Any, device: torch.device) -> dict[str, torch.Tensor]:
+        if packed(batch):
+            return self._prepare_packed(batch, vision, device)
         stacked = {k: v.to(device, non_blocking=True) for k, v in stack_views(batch).items()}
         enc = vision.encode(batch["pixel_values"])  # features [B, P, F], pooled [B, E]
         stacked["vision_features"] = enc.features
         stacked["image_emb"] = F.normalize(enc.pooled.float(), dim=-1)
         stacked["ret_eos_index"] = batch["ret_eos_index"].to(device)
         return stacked
+
+    def _prepare_packed(self, batch: dict[str, torch.Tensor], vision: Any, device: torch.device) -> dict[str, Any]:
+        from mks2.training.stage2 import vision_features
+
+        out = {k: batch[k].to(device, non_blocking=True) for k in
+               ("input_ids", "position_ids", "segment_ids", "labels", "ret_eos_flat")}  # fmt: skip
+        pixels = batch.get("pixel_values")
+        if pixels is not None and pixels.shape[0] > 0:
+            enc = vision.encode(pixels)  # features [K, P, F], pooled [K, E]
+            out["vision_features"] = enc.features
+            out["image_emb"] = F.normalize(enc.pooled.float(), dim=-1)
+        else:  # a micro-batch without pairs (padding of a short step): the mapping still runs (ZeRO-3)
+            out["vision_features"] = vision_features(vision, None, device)
+            out["image_emb"] = torch.zeros(0, self._embed_dim(), device=device)
+        n = batch["step_micro_batches"].double()
+        out["caption_scale"] = (n / batch["step_caption_tokens"].clamp(min=1)).float().reshape(1).to(device)
+        out["retrieval_scale"] = (n / batch["step_pairs"].clamp(min=1)).float().reshape(1).to(device)
+        return out
+
+    def _embed_dim(self) -> int:
+        if self._image_dim is None:
+            from mks2.model.vision import vision_embed_dim
+
+            self._image_dim = vision_embed_dim(self.cfg.model)
+        return self._image_dim
 
     def evaluate(self, trainer: Any) -> dict[str, float]:
         if not self.cfg.data.eval_datasets:
@@ -215,26 +380,47 @@ class Stage1Task(StageTask):
         return retrieval_eval(trainer)
 
     # ---- accounting (StageTask.counts) for the padded layout: caption rows [B, S], retrieval [B, S_r] ----
+    # A packed micro-batch ([R, S] rows, both views as segments; ``packed(batch)``) is one view for the
+    # StageTask defaults, except samples (pairs) and the LM head (caption-loss positions only in zero3).
 
     def count_samples(self, batch: dict[str, torch.Tensor]) -> int:
+        if packed(batch):
+            return int(batch["ret_eos_flat"].numel())  # pairs
         return int(batch["ret_eos_index"].numel())  # one caption (and its image) per row
 
     def count_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        if packed(batch):
+            return super().count_tokens(batch)  # both views, image prefix included
         return int((batch["segment_ids"] != 0).sum() + (batch["ret_segment_ids"] != 0).sum())
 
     def count_positions(self, batch: dict[str, torch.Tensor]) -> int:
+        if packed(batch):
+            return super().count_positions(batch)  # R x S, padding included
         b = batch["input_ids"].shape[0]  # stack_views pads both views to one [2B, max(S, S_r)] batch
         return 2 * b * max(batch["input_ids"].shape[1], batch["ret_input_ids"].shape[1])
 
     def count_head_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        if packed(batch):
+            if self.cfg.parallel.mode == ParallelMode.PIPELINE:
+                return super().count_positions(batch)  # the pipeline head projects every position
+            return int(caption_targets(batch["labels"], batch["segment_ids"])[0].numel())
         return int((batch["segment_ids"] != 0).sum())  # the LM head runs on the caption view only
+
+    def count_retrieval_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        if packed(batch) and self.cfg.parallel.mode == ParallelMode.PIPELINE:
+            return super().count_positions(batch)  # the pipeline head projects every position
+        return self.count_samples(batch)  # encode_text projects each pair's EOS state
 
     def segment_lengths(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         from mks2.training.task import segment_lengths
 
+        if packed(batch):
+            return segment_lengths(batch["segment_ids"])
         return torch.cat([segment_lengths(batch["segment_ids"]), segment_lengths(batch["ret_segment_ids"])])
 
     def objective(self, model: nn.Module) -> nn.Module:
+        if self.cfg.data.packing:
+            return PackedStage1Objective(model, self)
         return Stage1Objective(model, self)
 
     def external_parameters(self, model: nn.Module) -> list[nn.Parameter]:
@@ -242,9 +428,38 @@ class Stage1Task(StageTask):
         return [model.retrieval.logit_scale]
 
     def pipeline(self, model: nn.Module) -> PipelineSpec:
+        if self.cfg.data.packing:
+            return build_pipeline_spec(model, head=PackedStage1HeadPipe, loss_fn=PackedStage1PipeLoss(self))
         return build_pipeline_spec(model, head=Stage1HeadPipe, loss_fn=Stage1PipeLoss(self))
 
     def pipeline_tuples(self, prepared: dict[str, torch.Tensor]) -> tuple[tuple, tuple]:
         p = prepared
+        if "ret_eos_flat" in p:  # packed: fixed [R, S] activations between stages; indices ride with the labels
+            inputs = (p["input_ids"], p["position_ids"], p["segment_ids"], p["vision_features"])
+            return inputs, (p["labels"], p["image_emb"], p["ret_eos_flat"], p["caption_scale"], p["retrieval_scale"])
         inputs = (p["input_ids"], p["position_ids"], p["segment_ids"], p["vision_features"], p["ret_eos_index"])
         return inputs, (p["labels"], p["image_emb"])
+
+
+def packing_problems(cfg: RunConfig) -> list[str]:
+    """Config problems of packed stage 1: the budget must hold at least one (caption, retrieval) pair."""
+    from mks2.data.loader import tokens_per_micro_batch
+    from mks2.data.stage1_packing import max_caption_view, min_pair_tokens
+    from mks2.model.vision import vision_prefix_length
+
+    try:
+        P = vision_prefix_length(cfg.model)
+    except ValueError:
+        return []  # an unreadable vision checkpoint is reported by check_paths
+    S = cfg.data.seq_len
+    budget = tokens_per_micro_batch(cfg)
+    if budget % S:
+        return []  # reported by the data section's own check
+    rows = budget // S
+    need = min_pair_tokens(P)
+    if budget < need or max_caption_view(S, rows, P) < P + 3:
+        return [
+            f"data.tokens_per_micro_batch={budget} (rows of data.seq_len={S}) cannot hold one caption/retrieval "
+            f"pair: the smallest needs {need} tokens (image prefix {P} + BOS/caption/EOS, twice for the two views)"
+        ]
+    return []
