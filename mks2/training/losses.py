@@ -13,7 +13,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from mks2.constants import IGNORE_INDEX
-from mks2.training.distributed import all_gather_no_grad, all_gather_with_grad, all_reduce
+from mks2.training import distributed
+from mks2.training.distributed import all_gather_no_grad, all_gather_with_grad
 
 LOGIT_SCALE_MAX = 100.0
 
@@ -120,7 +121,7 @@ class _GatherVarlenWithGrad(torch.autograd.Function):
         for r, n in enumerate(counts):
             padded[r * width : r * width + n] = grad[offset : offset + n]
             offset += n
-        all_reduce(padded, group=ctx.group)
+        distributed.all_reduce(padded, group=ctx.group)  # the one collective helper (device placement)
         me = _rank_in(ctx.group)
         return padded[me * width : me * width + counts[me]], None, None
 
