@@ -46,7 +46,7 @@ def test_plan_balances_bins_and_carries_what_does_not_fit():
     assert [len(b) for b in bins] == [2, 2] and carried == []  # least-filled bin first: 0, 1, 0, 1
     assert [s.index for s in bins[0]] == [0, 2]
     for b in bins:  # both views of a pair inside one row each, no overlap, within the row
-        spans = sorted((s.cap_row, s.cap_start, s.cap_len) for s in b) + sorted((s.ret_row, s.ret_start, s.ret_len) for s in b)
+        spans = [(s.cap_row, s.cap_start, s.cap_len) for s in b] + [(s.ret_row, s.ret_start, s.ret_len) for s in b]
         cover = np.zeros((2, S), dtype=int)
         for r, c, n in spans:
             assert c + n <= S

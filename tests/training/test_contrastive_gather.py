@@ -1,5 +1,6 @@
 """Gradient-correct all-gather of the retrieval negatives, checked on 2 real torchrun ranks against
-the single-process loss of the whole batch; and Slurm's environment mapping."""
+the single-process loss of the whole batch (also with a different pair count per rank: packed stage 1);
+and Slurm's environment mapping."""
 
 from __future__ import annotations
 
