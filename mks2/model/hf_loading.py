@@ -11,15 +11,26 @@
   mismatches are reported before anything is copied; each error names the tensor and the file.
 
 ``weight_gather`` is an optional ``params -> context manager`` opened around each copy (the trainer
-passes DeepSpeed's ``GatheredParameters`` under ZeRO-3: the parameter holds its full shape only inside
-the context, so shapes are checked there). This file imports no DeepSpeed.
+passes DeepSpeed's ``GatheredParameters`` under ZeRO-3). This file imports no DeepSpeed.
+
+What is read, and by whom (start-up must scale with the node, not the model):
+- safetensors tensors are read with ``readinto`` straight into the parameter's memory (no memory map, no
+  second copy; a parameter in another dtype or on an accelerator goes through one tensor-sized buffer);
+- parameters on the meta device (another pipeline stage's layers, ``build_model(keep=...)``) are
+  neither read nor loaded: a pipeline rank reads only its own stage's tensors;
+- ``read=False`` (ZeRO-3 ranks other than 0) reads headers only: names and shapes are checked on every
+  rank alike (so a bad checkpoint stops all ranks together, before any gather), then the rank walks the
+  same gathers without touching the data; rank 0's values are what ``GatheredParameters(modifier_rank=0)``
+  partitions.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import struct
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +180,64 @@ def checkpoint_index(path: str | Path) -> dict[str, Path]:
     )
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SafetensorsEntry:
+    """Where one tensor lies in a ``.safetensors`` file: ``nbytes`` bytes from absolute offset ``start``."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    nbytes: int
+
+
+def safetensors_header(file: Path) -> dict[str, SafetensorsEntry]:
+    """The tensors of a ``.safetensors`` file (8-byte little-endian header length, JSON header, data)."""
+    try:
+        with open(file, "rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            if length > 100 << 20:
+                raise ValueError(f"header length {length} is implausible")
+            header = json.loads(fh.read(length))
+        base = 8 + length
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            out[name] = SafetensorsEntry(_SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), base + begin,
+                                         end - begin)  # fmt: skip
+        return out
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+        raise HFCheckpointError(f"{file}: not a readable safetensors file ({exc})") from exc
+
+
+def read_safetensors_into(file: Path, entry: SafetensorsEntry, out: torch.Tensor) -> None:
+    """Read one tensor of ``file`` into ``out`` (same shape). A contiguous CPU ``out`` of the stored dtype
+    is filled in place from the file; otherwise through one buffer of the tensor's size."""
+    direct = out.device.type == "cpu" and out.dtype == entry.dtype and out.is_contiguous()
+    target = out if direct else torch.empty(entry.shape, dtype=entry.dtype)
+    view = memoryview(target.reshape(-1).view(torch.uint8).numpy())
+    if len(view) != entry.nbytes:
+        raise HFCheckpointError(f"{file}: a tensor holds {entry.nbytes} bytes, {len(view)} expected for {entry.shape}")
+    with open(file, "rb", buffering=0) as fh:
+        fh.seek(entry.start)
+        done = 0
+        while done < entry.nbytes:
+            n = fh.readinto(view[done:])
+            if not n:
+                raise HFCheckpointError(f"{file}: ends inside a tensor (truncated?)")
+            done += n
+    if not direct:
+        out.copy_(target)
+
+
 def _load_bin(file: Path) -> dict[str, torch.Tensor]:
     try:  # mmap: tensors are paged in on use, a multi-GB shard is not read into RAM up front
         return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
@@ -177,23 +246,32 @@ def _load_bin(file: Path) -> dict[str, torch.Tensor]:
 
 
 def _file_keys(file: Path) -> list[str]:
-    if file.suffix == ".safetensors":
-        from safetensors import safe_open
+    return list(_file_shapes(file))
 
-        with safe_open(str(file), framework="pt", device="cpu") as reader:
-            return list(reader.keys())
-    return list(_load_bin(file).keys())
+
+def _file_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of one checkpoint file, without reading tensor data (safetensors: the header;
+    ``.bin``: the memory-mapped pickle)."""
+    if file.suffix == ".safetensors":
+        return {k: e.shape for k, e in safetensors_header(file).items()}
+    return {k: tuple(t.shape) for k, t in _load_bin(file).items()}
 
 
 def _iter_file(file: Path, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (key, tensor) for ``keys`` of one file, one tensor at a time."""
-    if file.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(file), framework="pt", device="cpu") as reader:
-            for key in keys:
-                yield key, reader.get_tensor(key)
+    """Yield (key, tensor) for ``keys`` of one file, one tensor at a time (each a fresh CPU tensor)."""
+    if file.suffix != ".safetensors":
+        yield from _iter_bin(file, keys)
         return
+    entries = safetensors_header(file)
+    for key in keys:
+        entry = entries[key]
+        tensor = torch.empty(entry.shape, dtype=entry.dtype)
+        read_safetensors_into(file, entry, tensor)
+        yield key, tensor
+
+
+def _iter_bin(file: Path, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (key, tensor) for ``keys`` of one ``.bin`` file, one tensor at a time."""
     state = _load_bin(file)
     for key in keys:
         yield key, state.pop(key)
@@ -209,13 +287,24 @@ def llama_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     }
 
 
+def _shape(p: nn.Parameter) -> tuple[int, ...]:
+    return tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3: the full shape of a partitioned parameter
+
+
 def load_hf_llama(
-    model: nn.Module, path: str | Path, *, weight_gather: WeightGather | None = None, progress: bool = True
+    model: nn.Module,
+    path: str | Path,
+    *,
+    weight_gather: WeightGather | None = None,
+    progress: bool = True,
+    read: bool = True,
 ) -> list[str]:
     """Copy the weights of the HF Llama checkpoint at ``path`` into ``model`` (an ``MKS2ForCausalLM``).
 
-    Returns the loaded parameter names. Raises HFCheckpointError naming every missing, unexpected or
-    mis-shaped tensor (with its file); missing/unexpected keys are detected before any copy.
+    Returns the names of the parameters loaded (or, with ``read=False``, walked) here: meta-device
+    parameters are skipped. Raises HFCheckpointError naming every missing, unexpected or mis-shaped tensor
+    (with its file), before any copy and on every rank alike (headers only). ``read=False``: open the
+    ``weight_gather`` contexts in the same order without reading any tensor (see module docstring).
     """
     path = Path(path).expanduser()
     index = checkpoint_index(path)
@@ -233,22 +322,32 @@ def load_hf_llama(
     if unexpected or missing:
         raise HFCheckpointError(f"{path} does not match the model:\n" + name_mismatch(missing, unexpected))
 
+    local = {k: p for k, p in params.items() if not p.is_meta}  # meta: another pipeline stage's
     by_file: dict[Path, list[str]] = {}
-    for key in params:
+    for key in local:
         by_file.setdefault(index[key], []).append(key)
-    loaded = []
-    bar = tqdm(total=len(params), desc=f"loading {path.name}", unit="tensor", disable=not progress, leave=False)
     for file, keys in by_file.items():
-        for key, tensor in _iter_file(file, keys):
-            param = params[key]
+        shapes = _file_shapes(file)
+        for key in keys:
+            if shapes[key] != _shape(local[key]):
+                raise HFCheckpointError(
+                    f"{file}: tensor {key} has shape {shapes[key]} but the model expects "
+                    f"{_shape(local[key])} (does config.json match the weights?)"
+                )
+    loaded = []
+    bar = tqdm(total=len(local), desc=f"loading {path.name}", unit="tensor", disable=not progress, leave=False)
+    for file, keys in by_file.items():
+        entries = safetensors_header(file) if read and file.suffix == ".safetensors" else None
+        tensors = _iter_bin(file, keys) if read and entries is None else None
+        for key in keys:
+            param = local[key]
             with _gather(weight_gather, [param]), torch.no_grad():
-                if tuple(param.shape) != tuple(tensor.shape):
-                    raise HFCheckpointError(
-                        f"{file}: tensor {key} has shape {tuple(tensor.shape)} but the model expects "
-                        f"{tuple(param.shape)} (does config.json match the weights?)"
-                    )
-                param.copy_(tensor)
-            del tensor
+                if entries is not None:
+                    read_safetensors_into(file, entries[key], param.data)
+                elif tensors is not None:
+                    _, tensor = next(tensors)
+                    param.copy_(tensor)
+                    del tensor
             loaded.append(key)
             bar.update()
     bar.close()

@@ -266,6 +266,7 @@ class MKS2ForCausalLM(nn.Module):
         init: bool = True,
         load_vision_weights: bool = True,
         weight_gather: Any = None,
+        read_vision_weights: bool = True,
     ):
         super().__init__()
         m = model_cfg
@@ -284,7 +285,9 @@ class MKS2ForCausalLM(nn.Module):
         if VisionKind(m.vision.kind) != VisionKind.NONE:
             from mks2.model.vision import VisionFrontEnd
 
-            self.vision = VisionFrontEnd(m, load_weights=load_vision_weights, weight_gather=weight_gather)
+            self.vision = VisionFrontEnd(
+                m, load_weights=load_vision_weights, weight_gather=weight_gather, read_weights=read_vision_weights
+            )
             if self.stage == Stage.MVM:
                 from mks2.model.retrieval import RetrievalHead
 

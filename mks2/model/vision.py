@@ -276,9 +276,19 @@ class VisionFrontEnd(nn.Module):
         load_weights: stream the towers' weights from ``model.vision.path``. False leaves them randomly
             initialised (shape-only builds, e.g. before loading a full checkpoint).
         weight_gather: optional ``params -> context manager`` opened around each tensor copy (ZeRO-3).
+        read_weights: with ``load_weights``, False allocates the towers as for loading (no random init, the
+            global RNG untouched) but reads nothing: their values are copied in afterwards (ZeRO-3: from the
+            replicated frozen copy) or never used (another pipeline stage's).
     """
 
-    def __init__(self, model_cfg: Any, *, load_weights: bool = True, weight_gather: WeightGather | None = None):
+    def __init__(
+        self,
+        model_cfg: Any,
+        *,
+        load_weights: bool = True,
+        weight_gather: WeightGather | None = None,
+        read_weights: bool = True,
+    ):
         super().__init__()
         info = read_vision_checkpoint(model_cfg)
         self.info = info
@@ -320,7 +330,7 @@ class VisionFrontEnd(nn.Module):
         for p in self._frozen_parameters():
             p.requires_grad_(False)
         self.mapping = nn.Linear(self.feature_dim, self.hidden_size, dtype=dtype)  # trainable, default Linear init
-        if load_weights:
+        if load_weights and read_weights:
             self._load_towers(weight_gather)
         self.train(self.training)  # puts the towers in eval mode
 

@@ -146,9 +146,106 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+# --------------------------------------------------------------------------------------------
+# Collectives: the ONE place the package calls torch.distributed's communication functions
+# --------------------------------------------------------------------------------------------
+#
+# NCCL accepts only tensors on the rank's own accelerator; gloo accepts CPU tensors, so a CPU test cannot
+# see a collective on the wrong device. Every collective below first places its tensors on
+# :func:`collective_device` (the accelerator's current device: ``cuda:<local rank>`` under NCCL, ``cpu``
+# under gloo) and copies results back to where the caller's tensor lives. Object collectives pass that
+# device explicitly (torch pickles into a tensor on it). ``tests/training/test_collectives.py`` checks
+# both that no module outside this one calls a ``torch.distributed`` collective and that every tensor
+# reaching one is on the collective device.
+
+ReduceOp = dist.ReduceOp
+
+
+def collective_device() -> torch.device:
+    """The device every collective's tensors are placed on (the accelerator's current device)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+def _active(group=None) -> bool:
+    """A collective is needed: the process group exists and ``group`` has more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def _placed(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the collective device, contiguous (a copy when it lives elsewhere)."""
+    device = collective_device()
+    return (t if t.device == device else t.to(device)).contiguous()
+
+
+def _copy_back(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Write a collective's result ``src`` into the caller's tensor ``dst`` when they differ."""
+    if src is not dst:
+        dst.copy_(src)
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A collective's result moved back to the caller's device."""
+    return t.to(device)
+
+
+def barrier(group=None) -> None:
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_backend(group) == "nccl":  # the device of the barrier's own tensor, explicitly
+            dist.barrier(group=group, device_ids=[collective_device().index or 0])
+        else:
+            dist.barrier(group=group)
+
+
+def broadcast(t: torch.Tensor, src: int = 0, group=None) -> torch.Tensor:
+    """Global rank ``src``'s values of ``t`` on every rank of ``group`` (in place; returns ``t``)."""
+    if _active(group):
+        placed = _placed(t)
+        dist.broadcast(placed, src=src, group=group)
+        _copy_back(t, placed)
+    return t
+
+
+def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
+    """``t`` reduced with ``op`` over ``group`` (in place; returns ``t``)."""
+    if _active(group):
+        placed = _placed(t)
+        dist.all_reduce(placed, op=op, group=group)
+        _copy_back(t, placed)
+    return t
+
+
+def _gather_rows(x: torch.Tensor, group=None) -> torch.Tensor:
+    """All-gather along dim 0 on the collective device: x [B, ...] -> [W*B, ...] (same B on every rank)."""
+    placed = _placed(x)
+    parts = [torch.empty_like(placed) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, placed, group=group)
+    return torch.cat(parts, dim=0)
+
+
+def broadcast_object_list(objects: list, src: int = 0, group=None) -> list:
+    """Global rank ``src``'s picklable ``objects`` on every rank (in place; returns the list)."""
+    if _active(group):
+        dist.broadcast_object_list(objects, src=src, group=group, device=collective_device())
+    return objects
+
+
+def all_gather_object(obj, group=None) -> list:
+    """Every rank's picklable ``obj``, in rank order."""
+    if not _active(group):
+        return [obj]
+    out: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)  # torch pickles onto the current device (set at start-up)
+    return out
+
+
+def local_rank() -> int:
+    """This process's rank on its node (``LOCAL_RANK``; under MPI the launcher's local rank)."""
+    for var in ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -159,14 +256,12 @@ class _GatherWithGrad(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:  # x: [B, D] -> [W*B, D]
         ctx.group = group
         ctx.rows = x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=0)
+        ctx.device = x.device
+        return _to(_gather_rows(x, group), x.device)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # grad: [W*B, D]
-        grad = grad.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        grad = all_reduce(grad.contiguous(), op=dist.ReduceOp.SUM, group=ctx.group)
         me = dist.get_rank(ctx.group)
         return grad[me * ctx.rows : (me + 1) * ctx.rows], None
 
@@ -174,15 +269,13 @@ class _GatherWithGrad(torch.autograd.Function):
 def all_gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
     """Concatenate ``x`` [B, ...] from every rank of ``group`` along dim 0, gradient-correct.
     Every rank must pass the same B. A world of one returns ``x`` unchanged."""
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+    if not _active(group):
         return x
     return _GatherWithGrad.apply(x, group)
 
 
 def all_gather_no_grad(x: torch.Tensor, group=None) -> torch.Tensor:
     """Plain all-gather along dim 0 for tensors without gradient (frozen image embeddings)."""
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+    if not _active(group):
         return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=0)
+    return _to(_gather_rows(x, group), x.device)

@@ -95,8 +95,7 @@ def _same_group_count_on_every_stage(groups: list[dict[str, Any]], weight_decay:
     no-decay group) would hang the first step. If the stages disagree, every stage uses one group,
     weight decay on all its trainable tensors, and rank 0 says so."""
     counts = torch.tensor([len(groups), -len(groups)], dtype=torch.float64, device=_device())  # NCCL: on the GPU
-    if dist.is_initialized():
-        dist.all_reduce(counts, op=dist.ReduceOp.MAX)  # [max, -min]
+    distributed.all_reduce(counts, op=distributed.ReduceOp.MAX)  # [max, -min]
     if counts[0] == -counts[1]:
         return groups
     if distributed.rank() == 0:

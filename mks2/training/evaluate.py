@@ -25,10 +25,10 @@ import math
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from mks2.config import ParallelMode, Stage
 from mks2.model.retrieval import recall_at_k
+from mks2.training import distributed
 
 
 def eval_loader(trainer: Any, stage: Stage = Stage.MVM) -> Any:
@@ -72,8 +72,7 @@ def _agree(trainer: Any, values: list[float]) -> list[float]:
     """The loss holders' numbers on every rank (holders computed the same; others send -inf)."""
     te = trainer.te
     out = torch.tensor(values, dtype=torch.float64, device=te.device)
-    if dist.is_initialized():
-        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    distributed.all_reduce(out, op=distributed.ReduceOp.MAX)
     return out.tolist()
 
 
@@ -107,8 +106,7 @@ def retrieval_eval(trainer: Any) -> dict[str, float]:
             dtype=torch.float64,
             device=te.device,
         )
-    if dist.is_initialized():
-        dist.all_reduce(out, op=dist.ReduceOp.MAX)  # every holder computed the same numbers
+    distributed.all_reduce(out, op=distributed.ReduceOp.MAX)  # every holder computed the same numbers
     keys = ("eval_retrieval_top1", "eval_retrieval_top5", "eval_gallery", "eval_chance_top1")
     return {k: out[i].item() for i, k in enumerate(keys)}
 

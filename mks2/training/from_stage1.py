@@ -11,10 +11,14 @@ A stage-2 model gets
 Stage-1-only modules (the retrieval head) are not part of a stage-2 model and are dropped. Either parallel
 mode's checkpoints are read (through ``mks2.checkpoint.open_consolidated``, tensor by tensor).
 
-Only global rank 0 reads the checkpoint: under ZeRO-3 every copy happens inside
-``GatheredParameters(modifier_rank=0)`` (rank 0's values are what gets partitioned); without it (pipeline
-mode builds the full model on every rank) rank 0's values are broadcast. Every rank walks the same
-parameter list in the same order, so the collectives match.
+Who reads what:
+- ZeRO-3 (``weight_gather`` given): only global rank 0 opens the checkpoint; every copy happens inside
+  ``GatheredParameters(modifier_rank=0)`` (rank 0's values are what gets partitioned), so the other ranks
+  never read a byte of it. Every rank walks the same parameter list in the same order, so the gathers match.
+- pipeline (no ``weight_gather``): the model is stage-local (``mks2.model.build_model(..., keep=...)``:
+  other stages' parameters stay on the meta device), and each rank reads only the tensors of its own
+  stage's parameters. No tensor collective at all (NCCL would refuse the CPU tensors the model is built
+  in); the ranks agree on errors through one object gather.
 """
 
 from __future__ import annotations
@@ -28,13 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
 from mks2.checkpoint import CheckpointError, find, open_consolidated, read_meta
 from mks2.checkpoint.layout import dotted_get
 from mks2.config import RunConfig, Stage, VisionKind
+from mks2.training import distributed
 
 log = logging.getLogger("mks2.training")
 
@@ -199,12 +203,6 @@ def open_stage1(source: Stage1Source) -> Any:
         return open_consolidated(source.save_dir, tag=source.tag)
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _shape(p: nn.Parameter) -> tuple[int, ...]:
     return tuple(getattr(p, "ds_shape", p.shape))
 
@@ -214,16 +212,20 @@ def load_stage1_weights(
 ) -> list[str]:
     """Copy the stage-1 tensors a stage-2 ``model`` takes (see :func:`wanted_from_stage1`) into it.
 
-    Every rank must call this (collectives). Returns the names loaded. Raises CheckpointError on every rank
-    when the checkpoint lacks a tensor or holds it with another shape."""
-    rank, world = _world()
+    Parameters on the meta device belong to another pipeline stage and are neither read nor loaded. Every
+    rank must call this (collectives). Returns the names loaded here. Raises CheckpointError on every rank
+    when the checkpoint lacks a tensor or holds it with another shape (on any rank)."""
+    rank = distributed.rank()
+    reads = weight_gather is None or rank == 0  # ZeRO-3: rank 0 alone; pipeline: each rank its own stage
     base_from_ckpt = not source.init_from
     targets = [
-        (n, p) for n, p in model.named_parameters() if wanted_from_stage1(n, base_from_checkpoint=base_from_ckpt)
+        (n, p)
+        for n, p in model.named_parameters()
+        if wanted_from_stage1(n, base_from_checkpoint=base_from_ckpt) and not p.is_meta
     ]
     stored: Any = None
-    problem: list[Any] = [None]
-    if rank == 0:
+    problem: str | None = None
+    if reads:
         try:
             stored = open_stage1(source)
             meta = stored.meta  # name -> shape/dtype; nothing read yet
@@ -236,29 +238,27 @@ def load_stage1_weights(
                     parts.append(f"missing {len(missing)} tensor(s) (first: {', '.join(missing[:5])})")
                 if wrong:
                     parts.append(f"shape mismatch (checkpoint vs model) for {', '.join(wrong[:5])}")
-                problem[0] = f"stage-1 checkpoint {source.path} does not fit this stage-2 model: " + "; ".join(parts)
+                problem = f"stage-1 checkpoint {source.path} does not fit this stage-2 model: " + "; ".join(parts)
         except (OSError, ValueError, RuntimeError, KeyError) as exc:  # CheckpointError is a ValueError
-            problem[0] = f"cannot read stage-1 checkpoint {source.path}: {exc}"
-    if world > 1:
-        dist.broadcast_object_list(problem, src=0)  # every rank raises together, before any gather
-    if problem[0] is not None:
+            problem = f"cannot read stage-1 checkpoint {source.path}: {exc}"
+    # Every rank raises together (the first rank's problem), before any gather.
+    first = next((p for p in distributed.all_gather_object(problem) if p is not None), None)
+    if first is not None:
         if stored is not None:
             stored.close()
-        raise CheckpointError(problem[0])
+        raise CheckpointError(first)
 
     try:
-        # One tensor at a time (rank 0 never holds more than one stage-1 tensor): under ZeRO-3 inside
+        # One tensor at a time (a reader never holds more than one stage-1 tensor): under ZeRO-3 inside
         # GatheredParameters(modifier_rank=0), which partitions rank 0's values on exit.
         for name, param in tqdm(targets, desc="stage-1 weights", disable=rank != 0, leave=False):
             ctx = weight_gather([param]) if weight_gather is not None else contextlib.nullcontext()
             with ctx, torch.no_grad():
-                if rank == 0:
+                if reads:
                     with _outside_zero_init():
                         tensor = stored.get(name)
                     param.data.copy_(tensor.to(device=param.device, dtype=param.dtype))
                     del tensor
-                if weight_gather is None and world > 1:
-                    dist.broadcast(param.data, src=0)  # full replicas (pipeline mode): rank 0's values everywhere
     finally:
         if stored is not None:
             stored.close()

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from mks2 import checkpoint as ckpt
 from mks2.config import ConfigError, ParallelMode, RunConfig, to_dict
@@ -171,8 +170,7 @@ class Trainer:
                 ),
             ]
         ).double()
-        if dist.is_initialized():
-            dist.all_reduce(vec)
+        distributed.all_reduce(vec)
         elapsed = time.perf_counter() - t0
         host = vec.tolist()  # one device -> host copy
         n_micro = max(host[1 + k], 1.0)
@@ -239,8 +237,7 @@ class Trainer:
         """All ranks agree whether any rank failed to write checkpoint ``path``; if one did, the partial
         directory is removed and every rank stops with one line (the failing rank names the file)."""
         failed = torch.tensor([1.0 if failures else 0.0], device=self.te.device)
-        if dist.is_initialized():
-            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        distributed.all_reduce(failed, op=distributed.ReduceOp.MAX)
         if failed.item() == 0:
             return
         free_mib = shutil.disk_usage(self.save_dir).free / 2**20  # at the failure, before the clean-up
@@ -361,8 +358,7 @@ def decided_on_rank0(decide: Callable[[], Any]) -> Any:
             answer[0] = ("ok", decide())
         except ckpt.CheckpointError as exc:
             answer[0] = ("error", str(exc))
-    if dist.is_initialized():
-        dist.broadcast_object_list(answer, src=0)
+    distributed.broadcast_object_list(answer, src=0)
     kind, value = answer[0]
     if kind == "error":
         raise ckpt.CheckpointError(value)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from mks2 import checkpoint as ckpt
 from mks2.config import RunConfig
 from mks2.data.dataset import read_manifest
+from mks2.training import distributed
 
 log = logging.getLogger("mks2.training")
 
@@ -139,8 +140,7 @@ def check_resume_target(cfg: RunConfig, tag: str | None) -> bool:
                     "resuming %s with a different learning-rate schedule (the rest of the run follows the new "
                     "one):\n  - %s", tag, "\n  - ".join(changes),
                 )  # fmt: skip
-    if dist.is_initialized():
-        dist.broadcast_object_list(answer, src=0)
+    distributed.broadcast_object_list(answer, src=0)
     return bool(answer[0])
 
 
