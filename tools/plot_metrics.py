@@ -5,7 +5,8 @@
     python tools/plot_metrics.py runs/a runs/b --keys loss loss_retrieval --smooth 10 --output cmp.png
 
 One panel per metric (default: those of DEFAULT_KEYS that any run has: stage 1's losses and retrieval
-accuracy, stage 2's answer tokens, both stages' held-out evaluation, lr, grad_norm, tokens/s). Held-out
+accuracy, stage 2's answer tokens, both stages' held-out evaluation, lr, grad_norm, real tokens/s, the
+padding share and MFU where logged; definitions: docs/METRICS.md). Held-out
 evaluation series (``eval_*``: recorded every ``train.eval_interval`` steps) are drawn as lines with a
 marker and the value at each evaluated step, whichever the stage. ``--smooth N`` adds a trailing moving
 average of N steps to the per-step series.
@@ -33,6 +34,8 @@ DEFAULT_KEYS = (
     "lr",
     "grad_norm",
     "tokens_per_s",
+    "padding_fraction",
+    "mfu",
 )
 
 
