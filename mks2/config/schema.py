@@ -553,20 +553,23 @@ class ParallelConfig:
     """ZeRO stage; defaults to 3 for zero3 (2 with ``frozen_base=replicate``) and 1 for pipeline (which allows
     only 0 or 1)."""
     frozen_base: FrozenBase = FrozenBase.PARTITION
-    """zero3 mode: ``partition`` (ZeRO-3) or ``replicate`` (ZeRO-2: frozen weights on every GPU, trainable
-    state partitioned); pipeline mode always replicates within a stage. Per GPU per micro-batch ZeRO-3 moves
-    3 x (all weights) + the trainable gradients (``python tools/memory_table.py --traffic``): 7B stage 1/2
-    ~75/67 GB, 13B ~146/129 GB, a few seconds of inter-node traffic against ~1-2 s of compute; replicate moves
-    only the trainable gradients each micro-batch and the updated trainable weights once a step (7B stage 1
-    ~9 GB, 13B ~17 GB; stage 2 ~0.1 GB). The price is GPU memory: the whole model in bf16 on every GPU plus
-    1/N of the trainable state (docs/BENCHMARKS.md memory table: 13B stage 1 ~58 GB on 8 GPUs, so 80 GB
-    GPUs). The shipped Llama-2 configs replicate; the default stays ``partition`` because it fits any GPU."""
+    """zero3 mode: ``partition`` (ZeRO-3) or ``replicate`` (ZeRO-2: every weight whole on every GPU in the
+    training dtype, gradients and optimizer state partitioned); pipeline mode always replicates within a stage.
+    Per GPU per micro-batch (``python tools/memory_table.py --traffic``, 8-256 GPUs) ``partition`` all-gathers
+    every weight three times (forward, recompute, backward): 7B stage 1/2 ~66-75/59-67 GB, 13B ~128-146/114-129
+    GB, 1.2-2.9 s at 50 GB/s of inter-node bandwidth against 0.8-1.4 s of compute; ``replicate`` moves only the
+    trainable gradients each micro-batch and the updated trainable weights once a step: 7B/13B stage 1 ~11-13/
+    19-21 GB, stage 2 ~0.1-0.2 GB. Its price is GPU memory (model state per GPU on 8 GPUs: 7B stage 1/2 ~35/25
+    GB, 13B ~65/46 GB, vs 4-27 GB partitioned; docs/BENCHMARKS.md) and host memory at start-up (every rank
+    builds the whole model). The shipped configs replicate, except 13B stage 1 (~65 GB before activations is
+    too tight on 80 GB GPUs). The default stays ``partition``: it fits any GPU."""
     offload: Offload = Offload.NONE
     """ZeRO-3 optimizer/parameter offload."""
     nvme_path: str | None = None
     """Directory on a local NVMe drive for ``offload=nvme`` (optimizer state and parameters); required then."""
     ds_config: str | None = None
-    """DeepSpeed JSON template; defaults to ds_configs/<mode>.json (zero3_offload.json with offload)."""
+    """DeepSpeed JSON template; defaults to ds_configs/<mode>.json (zero3_offload.json with offload, zero2.json
+    with ``frozen_base=replicate``)."""
 
 
 def parallel_problems(par: ParallelConfig) -> list[str]:

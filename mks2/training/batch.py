@@ -1,9 +1,21 @@
 """Batch arithmetic of a run on a given number of ranks: pipeline stages, data-parallel size,
-gradient accumulation, and the check that ``train.global_batch_size`` splits evenly over them.
+gradient accumulation, the global batch, and the check that they fit together.
 
-``train.global_batch_size`` (samples per optimizer step) = ``train.micro_batch_size`` (samples per rank
-per forward pass) x data-parallel size x gradient-accumulation steps, where the data-parallel size is
-the world size divided by the pipeline stages (1 in zero3 mode).
+The global batch (samples per optimizer step) = ``train.micro_batch_size`` (samples per rank per forward
+pass) x data-parallel size x gradient-accumulation steps, where the data-parallel size is the world size
+divided by the pipeline stages (1 in zero3 mode). A config fixes one side of that product:
+
+- ``train.global_batch_size`` set, ``train.grad_accumulation_steps`` null: the global batch is fixed and
+  the accumulation is derived, so the global batch must be a multiple of micro x dp (a fixed 256 stops
+  at 256 / micro data-parallel ranks);
+- ``train.grad_accumulation_steps`` set, ``train.global_batch_size`` null: the per-GPU work is fixed and
+  the global batch grows with the world size (the shipped Llama-2 configs: 8 to 256 GPUs unchanged);
+- both set: they must agree at this world size (a resolved config saved in a checkpoint has both);
+- neither: one micro-batch per rank per step.
+
+``resolve_global_batch`` writes the resulting global batch into the config once the world size is known,
+so everything after it (DeepSpeed's ``train_batch_size``, the data summary, the saved config) reads one
+number.
 """
 
 from __future__ import annotations
@@ -23,7 +35,20 @@ def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
 
 def grad_accumulation_steps(cfg: RunConfig, data_parallel_size: int) -> int:
     """Micro-batches each rank runs per optimizer step."""
-    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * data_parallel_size)
+    t = cfg.train
+    if t.grad_accumulation_steps is not None:
+        return int(t.grad_accumulation_steps)
+    if t.global_batch_size is None:
+        return 1
+    return int(t.global_batch_size) // (t.micro_batch_size * data_parallel_size)
+
+
+def global_batch_size(cfg: RunConfig, data_parallel_size: int) -> int:
+    """Samples per optimizer step over all data-parallel ranks at this data-parallel size."""
+    t = cfg.train
+    if t.global_batch_size is not None and t.grad_accumulation_steps is None:
+        return int(t.global_batch_size)
+    return t.micro_batch_size * data_parallel_size * grad_accumulation_steps(cfg, data_parallel_size)
 
 
 def check_world_size(cfg: RunConfig, world_size: int) -> list[str]:
@@ -36,9 +61,29 @@ def check_world_size(cfg: RunConfig, world_size: int) -> list[str]:
         return p
     dp = data_parallel_size(cfg, world_size)
     per_step = t.micro_batch_size * dp
-    if t.global_batch_size % per_step:
+    fixed = t.global_batch_size
+    if fixed is None:
+        return p
+    if t.grad_accumulation_steps is not None:
+        derived = per_step * int(t.grad_accumulation_steps)
+        if derived != fixed:
+            p.append(
+                f"train.global_batch_size ({fixed}) disagrees with micro_batch_size x data-parallel size x "
+                f"grad_accumulation_steps = {t.micro_batch_size} x {dp} x {t.grad_accumulation_steps} = {derived}"
+                " on this world size: set one of the two to null"
+            )
+    elif fixed % per_step:
         p.append(
-            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of micro_batch_size x "
-            f"data-parallel size = {t.micro_batch_size} x {dp} = {per_step}"
+            f"train.global_batch_size ({fixed}) must be a multiple of micro_batch_size x "
+            f"data-parallel size = {t.micro_batch_size} x {dp} = {per_step} (or set train.global_batch_size=null "
+            "and train.grad_accumulation_steps to let the global batch scale with the world size)"
         )
     return p
+
+
+def resolve_global_batch(cfg: RunConfig, world_size: int) -> int:
+    """Write the global batch of this world size into ``cfg.train.global_batch_size`` (after
+    ``check_world_size`` found no problem) and return it. Idempotent; every rank computes the same."""
+    n = global_batch_size(cfg, data_parallel_size(cfg, world_size))
+    cfg.train.global_batch_size = n
+    return n

@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mks2.config import ConfigError, Offload, ParallelMode, Precision, RunConfig, ds_template
-from mks2.training.batch import grad_accumulation_steps
+from mks2.config import ConfigError, FrozenBase, Offload, ParallelMode, Precision, RunConfig, ds_template
+from mks2.training.batch import global_batch_size, grad_accumulation_steps
 from mks2.training.ds_template_keys import unknown_template_keys
 
 
@@ -26,6 +26,8 @@ def template_path(cfg: RunConfig) -> Path:
         return Path(par.ds_config).expanduser()
     if par.mode == ParallelMode.PIPELINE:
         return ds_template("pipeline.json")
+    if zero_stage(cfg) < 3:  # frozen_base=replicate (ZeRO-2) or an explicit lower stage
+        return ds_template("zero2.json")
     return ds_template("zero3_offload.json" if par.offload != Offload.NONE else "zero3.json")
 
 
@@ -45,9 +47,13 @@ def load_template(path: Path) -> dict[str, Any]:
 
 
 def zero_stage(cfg: RunConfig) -> int:
+    """``parallel.zero_stage`` if set; else pipeline 1, zero3 3 (2 with ``parallel.frozen_base=replicate``:
+    ZeRO-2 keeps every weight whole on every GPU and partitions only gradients and optimizer state)."""
     if cfg.parallel.zero_stage is not None:
         return int(cfg.parallel.zero_stage)
-    return 1 if cfg.parallel.mode == ParallelMode.PIPELINE else 3
+    if cfg.parallel.mode == ParallelMode.PIPELINE:
+        return 1
+    return 2 if cfg.parallel.frozen_base == FrozenBase.REPLICATE else 3
 
 
 def build_ds_config(
@@ -75,7 +81,7 @@ def build_ds_config(
         grad_accumulation_steps(cfg, data_parallel_size),
         "gradient_accumulation_steps",
     )
-    put(ds, "train_batch_size", t.global_batch_size, "train_batch_size")
+    put(ds, "train_batch_size", global_batch_size(cfg, data_parallel_size), "train_batch_size")
     put(ds, "gradient_clipping", float(t.grad_clip), "gradient_clipping")
 
     opt_params: dict[str, Any] = {
@@ -121,6 +127,10 @@ def build_ds_config(
                 f"{path.name}: pipeline.partition={pipe.pop('partition')!r} ignored: mks2 spreads the decoder "
                 "layers evenly over parallel.pipeline_stages"
             )
+        if t.precision == Precision.BF16 and zero_stage(cfg) == 1:
+            # 16-32 micro-batches summed in bf16 lose the small ones (8 mantissa bits): accumulate in fp32.
+            # DeepSpeed then uses its BF16_Optimizer (fp32 gradient buffers); with ZeRO-0 it has no such path.
+            put(ds.setdefault("data_types", {}), "grad_accum_dtype", "fp32", "data_types.grad_accum_dtype")
         put(
             pipe,
             "activation_checkpoint_interval",

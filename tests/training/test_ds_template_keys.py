@@ -11,7 +11,7 @@ from mks2.config import ConfigError, ds_template
 from mks2.training.ds_config import load_template
 
 
-@pytest.mark.parametrize("name", ["zero3.json", "zero3_offload.json", "pipeline.json"])
+@pytest.mark.parametrize("name", ["zero3.json", "zero3_offload.json", "zero2.json", "pipeline.json"])
 def test_shipped_templates_are_accepted(name):
     assert "zero_optimization" in load_template(ds_template(name))
 
