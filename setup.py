@@ -11,7 +11,9 @@ from setuptools import find_packages, setup
 
 REQUIRES = [
     "torch>=2.1",
-    "deepspeed>=0.14",
+    # The tested version (requirements-ci.txt). Older ones lack the fix for frozen ZeRO-3 parameters under
+    # activation recompute (deepspeedai/DeepSpeed#8148, after #8130): CheckpointError "saved [N] vs recomputed [0]".
+    "deepspeed>=0.19.8,<0.20",
     "transformers>=4.45",
     "sentencepiece>=0.1.99",
     "pyarrow>=14",
