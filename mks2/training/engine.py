@@ -31,7 +31,7 @@ from mks2.model.dtypes import torch_dtype
 from mks2.training import distributed
 from mks2.training.batch import data_parallel_size, pipeline_stages
 from mks2.training.ds_config import build_ds_config, zero_stage
-from mks2.training.flops import FlopsModel, flops_model
+from mks2.training.flops import FlopsModel, describe, flops_model
 from mks2.training.frozen_base import check_frozen_base
 from mks2.training.frozen_vision import FrozenVision
 from mks2.training.schedule import build_scheduler
@@ -174,6 +174,7 @@ def _build_zero3(cfg: RunConfig, task: StageTask, ds_config: dict, dtype: torch.
     summary = parameter_summary(model)
     llm_params, trainable = _count(model)
     flops = flops_model(model, recompute=bool(cfg.train.activation_checkpointing))
+    summary += "\n" + describe(flops)
     resolved = to_dict(cfg)  # after build_model: architecture fields read from model.init_from
     device = _device()
     vision = FrozenVision.build(cfg.model, device, dtype)
@@ -227,6 +228,7 @@ def _build_pipeline(
     summary = parameter_summary(model)
     llm_params, trainable = _count(model)
     flops = flops_model(model, recompute=bool(cfg.train.activation_checkpointing))
+    summary += "\n" + describe(flops)
     resolved = to_dict(cfg)
     device = _device()
     vision = FrozenVision(model.vision, device, dtype)
