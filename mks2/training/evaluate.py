@@ -100,7 +100,10 @@ def retrieval_eval(trainer: Any) -> dict[str, float]:
     if holder and collected:
         text = torch.cat([t for t, _ in collected])[:n]
         image = torch.cat([i for _, i in collected])[:n]
-        m = retrieval_metrics(text, image)
+        real = image.abs().amax(dim=-1) > 0  # an undecodable image's embedding is zero: not in the gallery
+        text, image = text[real], image[real]
+        m = retrieval_metrics(text, image) if len(image) else dict.fromkeys(("eval_retrieval_top1",
+                              "eval_retrieval_top5", "eval_gallery", "eval_chance_top1"), 0.0)  # fmt: skip
         out = torch.tensor(
             [m["eval_retrieval_top1"], m["eval_retrieval_top5"], m["eval_gallery"], m["eval_chance_top1"]],
             dtype=torch.float64,

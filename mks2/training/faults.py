@@ -10,6 +10,12 @@ Preemption. SIGTERM (what Slurm sends before it kills a job; SIGUSR1 too, for ``
 sets a flag; the loop finishes the current optimizer step, all ranks agree through the per-step
 metrics all-reduce, save a checkpoint and exit with status 0.
 
+Undecodable images. A loader worker that cannot decode an image gives a tagged placeholder and no loss
+for its sample (``mks2.data.images``), so no rank raises mid-step. After every optimizer step all ranks
+sum the count (:func:`count_skipped_images`, one 8-byte all-reduce; the file names are gathered only on
+a step that had any) and stop together, at that step boundary, past ``data.max_images_skipped``
+(:class:`ImagesSkippedError`): no rank is left waiting in a collective.
+
 Test hooks (environment variables; never set them in production):
 
 - ``MKS2_INJECT_NAN=STEP:RANK[,STEP:RANK...]``: the loss of optimizer step STEP (1-based) on global
@@ -27,6 +33,7 @@ from types import FrameType
 import torch
 
 from mks2.errors import UserError
+from mks2.training import distributed
 
 _current_step = 0  # 1-based number of the optimizer step being computed
 _rank = 0
@@ -97,3 +104,35 @@ class PreemptionFlag:
 
 class TrainingAborted(UserError, RuntimeError):
     """The run stopped on purpose (too many consecutive non-finite steps); the message says why."""
+
+
+class ImagesSkippedError(TrainingAborted):
+    """More undecodable images than ``data.max_images_skipped``: every rank stops at the same step."""
+
+
+def count_skipped_images(notes: list[str], *, counts: bool, device: torch.device) -> tuple[int, list[str]]:
+    """Collective, every rank once per optimizer step: (images skipped in this step on all ranks, their
+    notes "<file> (<reason>)" in rank order). ``notes``: this rank's, from the batches of the step;
+    ``counts``: this rank reads the step's batches for its replica (every rank in ZeRO-3 mode, the first
+    pipeline stage; the last stage decodes the same images and must not count them twice)."""
+    mine = notes if counts else []
+    n = distributed.all_reduce(torch.tensor([float(len(mine))], dtype=torch.float64, device=device))
+    total = int(n.item())
+    if total == 0:  # the usual step: no object collective
+        return 0, []
+    return total, [note for part in distributed.all_gather_object(mine) for note in part]
+
+
+def check_images_skipped(*, total: int, cap: int, step: int, notes: list[str], last_saved: str | None,
+                         save_dir: object) -> None:  # fmt: skip
+    """Raise :class:`ImagesSkippedError` (same message on every rank) once ``total`` exceeds ``cap``
+    (-1: no limit)."""
+    if cap < 0 or total <= cap:
+        return
+    shown = "; ".join(notes[:5]) + (f"; and {len(notes) - 5} more" if len(notes) > 5 else "")
+    last = last_saved or "none (no checkpoint was saved yet)"
+    raise ImagesSkippedError(
+        f"stopping at step {step}: {total} undecodable images skipped so far, more than "
+        f"data.max_images_skipped={cap}; this step's: {shown}. Fix or remove these files (re-run pretokenize, "
+        f"which checks images), or raise data.max_images_skipped; the last checkpoint is {last} in {save_dir}"
+    )

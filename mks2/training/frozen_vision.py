@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mks2.data.images import is_placeholder
 from mks2.model.vision import VisionEncoding, VisionFrontEnd
 
 
@@ -41,5 +42,16 @@ class FrozenVision:
 
     @torch.no_grad()
     def encode(self, pixel_values: torch.Tensor) -> VisionEncoding:
-        """pixel_values [N, 3, H, W] -> features [N, P, F] and pooled [N, E] (no gradient)."""
-        return self.front_end.encode(pixel_values.to(self.device, non_blocking=True))
+        """pixel_values [N, 3, H, W] -> features [N, P, F] and pooled [N, E] (no gradient).
+
+        Placeholders of undecodable images (``mks2.data.images``; their samples carry no loss) get zero
+        features and a zero pooled embedding: the stage-1 retrieval loss leaves zero rows out."""
+        bad = is_placeholder(pixel_values)  # [N]
+        enc = self.front_end.encode(pixel_values.to(self.device, non_blocking=True))
+        if not bad.any():
+            return enc
+        keep = (~bad).to(self.device)
+        return VisionEncoding(
+            features=enc.features * keep[:, None, None].to(enc.features.dtype),
+            pooled=enc.pooled * keep[:, None].to(enc.pooled.dtype),
+        )

@@ -42,6 +42,7 @@ class TrainState:
     skipped_total: int = 0
     consecutive_skips: int = 0
     tokens_total: int = 0
+    images_skipped_total: int = 0  # undecodable images over the run, all ranks (data.max_images_skipped)
 
 
 def preflight(cfg: RunConfig, task: StageTask, world_size: int) -> None:
@@ -200,6 +201,17 @@ class Trainer:
         )
         return record
 
+    def _count_skipped_images(self, record: dict[str, Any]) -> list[str]:
+        """The step's undecodable images over all ranks into ``record`` (``images_skipped``,
+        ``images_skipped_total``); returns their notes (every rank the same list)."""
+        te = self.te
+        notes = self.loader.take_skipped_images() if self.loader is not None else []
+        counts = te.mode == ParallelMode.ZERO3 or te.is_first_stage
+        n, notes = faults.count_skipped_images(notes, counts=counts, device=te.device)
+        self.state.images_skipped_total += n
+        record.update(images_skipped=n, images_skipped_total=self.state.images_skipped_total)
+        return notes
+
     # ---- checkpoints --------------------------------------------------------------------------
 
     def save(self) -> str:
@@ -266,7 +278,7 @@ class Trainer:
         metrics = MetricsLog(
             self.save_dir, enabled=self.rank == 0, total_steps=cfg.max_steps, start_step=self.state.step,
             monitor=getattr(self.engine, "monitor", None), log_interval=cfg.log_interval,
-            wandb=WandbRun(self.cfg) if cfg.wandb and self.rank == 0 else None,
+            wandb=WandbRun(self.cfg, resuming=self.last_saved is not None) if cfg.wandb and self.rank == 0 else None,
         )  # fmt: skip
         metrics.truncate_after(self.state.step)
         self.preempt.install()
@@ -275,12 +287,22 @@ class Trainer:
             while self.state.step < cfg.max_steps:
                 record = self.train_step()
                 step = self.state.step
+                bad_images = self._count_skipped_images(record)  # collective; same answer on every rank
                 if self._eval_due(step):
                     results = self.task.evaluate(self)
                     record.update(results)
                     if results:
                         metrics.message(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in results.items()))
                 metrics.write(record)
+                if bad_images:
+                    metrics.message(
+                        f"step {step}: {len(bad_images)} undecodable image(s) skipped (their samples carry no loss): "
+                        + "; ".join(bad_images[:5])
+                    )
+                    faults.check_images_skipped(
+                        total=self.state.images_skipped_total, cap=self.cfg.data.max_images_skipped, step=step,
+                        notes=bad_images, last_saved=self.last_saved, save_dir=self.save_dir,
+                    )  # fmt: skip
                 if record["skipped"]:
                     metrics.message(f"step {step}: non-finite loss or gradient norm; update skipped on all ranks")
                     if self.state.consecutive_skips >= cfg.max_skipped_steps:
