@@ -1,26 +1,30 @@
 #!/usr/bin/env python
 """The paper's NLP-table claim in miniature, on the embedded demo world, in one command (CPU, one process):
 
-    python tools/demo_experiment.py                       # everything, into runs/demo_experiment
-    python tools/demo_experiment.py --variants mks2 inst_lora wo_mome --stage2-steps 200
+    python tools/demo_experiment.py --world paper --seeds 3        # into runs/demo_experiment/paper
+    python tools/demo_experiment.py --world no_leak --variants mks2 inst_lora wo_mome --stage2-steps 200
 
-0. a demo base LM (the stand-in for Llama-2) is pretrained on the demo's plain text (mks2/demo/base_lm.py);
-1. stage 1 (launch/pretrain_mvm.py) stores the looks of the objects from images into the MVM experts;
+Per seed (train.seed = --seed + k of every stage):
+0. a demo base LM (the stand-in for Llama-2) is pretrained on the world's plain text (mks2/demo/base_lm.py);
+1. stage 1 (launch/pretrain_mvm.py) stores the objects' looks from images into the MVM experts (the paper
+   world also trains the control: the same stage 1 on the same captions with one blank image for all,
+   retrieval weight 0: what the caption text alone stores);
 2. stage 2 (launch/finetune_mome.py) instruction-tunes each variant: MKS2 and the baselines/ablations of
-   mks2/training/ablations.py (INST-LoRA starts from the base LM, without stage 1);
+   mks2/training/ablations.py (INST-LoRA starts from the base LM and never sees stage-1 data);
 3. every variant answers the demo's text-only multiple-choice questions about the looks of the 10
-   HELD-OUT objects (seen only in images during stage 1) and, as a control, about the training objects
-   (whose looks the instruction data states); the stage-1 model is checked by held-out retrieval.
+   HELD-OUT objects and, as a control, about the 20 training objects; stage 1 is probed (held-out
+   retrieval, looks probe, linear probes).
 
-Prints a table like the paper's NLP table and writes <out>/results.json and <out>/results.md. Runs reuse
-finished steps of an earlier invocation with the same settings (--fresh starts over). All stages run as
-single-process jobs of the real launchers (DeepSpeed engine, ZeRO-3 on one rank).
+Prints a table (mean and standard error over seeds and questions) and writes <out>/<world>/results.json and
+results.md. Runs reuse finished steps of an earlier invocation with the same settings (--fresh starts
+over). All stages run as single-process jobs of the real launchers (DeepSpeed engine, ZeRO-3 on one rank).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import socket
 import subprocess
@@ -31,24 +35,42 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-VARIANTS = ("mks2", "inst_lora", "wo_mome", "wo_mm_sft", "wo_text_sft")
+WORLDS = ("no_leak", "paper")
+NO_IMAGES = "mks2_no_images"
+"""MKS2 whose stage 1 trained on the captions without images (paper world): the text-only control."""
+VARIANTS = ("mks2", "inst_lora", "wo_mome", "wo_mm_sft", "wo_text_sft", NO_IMAGES)
+DEFAULT_VARIANTS = {
+    "no_leak": ("mks2", "inst_lora", "wo_mome", "wo_mm_sft", "wo_text_sft"),
+    "paper": ("mks2", "inst_lora", "wo_mome", NO_IMAGES),
+}
 KINDS = ("colour", "shape", "describe", "yes_no", "which")
+LABELS = {NO_IMAGES: "MKS2, stage 1 without images"}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/demo_experiment", help="output directory")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"stage-2 variants ({', '.join(VARIANTS)})")
+    p.add_argument("--out", default="runs/demo_experiment", help="output directory (results in OUT/WORLD)")
+    p.add_argument("--world", default="no_leak", choices=WORLDS, help="demo world (data.demo_world)")
+    p.add_argument("--seeds", type=int, default=1, help="independent seeds (--seed, --seed+1, ...)")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        help=f"stage-2 variants ({', '.join(VARIANTS)}); default per world: {DEFAULT_VARIANTS}",
+    )
     p.add_argument("--base-steps", type=int, default=400)
     p.add_argument("--stage1-steps", type=int, default=600)
     p.add_argument("--stage2-steps", type=int, default=300)
-    p.add_argument("--seed", type=int, default=1234, help="train.seed of every stage")
+    p.add_argument("--seed", type=int, default=1234, help="train.seed of every stage of the first seed")
     p.add_argument("--cache-dir", default="~/.cache/mks2", help="demo world cache (data.cache_dir)")
     p.add_argument("--stage1-args", nargs="*", default=[], help="extra key=value overrides of stage 1")
     p.add_argument("--stage2-args", nargs="*", default=[], help="extra key=value overrides of every stage-2 run")
     p.add_argument("--eval-limit", type=int, default=None, help="first N questions of each file (smoke tests)")
-    p.add_argument("--fresh", action="store_true", help="delete earlier results in --out first")
-    return p.parse_intermixed_args(argv)
+    p.add_argument("--fresh", action="store_true", help="delete earlier results in OUT/WORLD first")
+    args = p.parse_intermixed_args(argv)
+    if args.variants is None:
+        args.variants = list(DEFAULT_VARIANTS[args.world])
+    return args
 
 
 def _free_port() -> int:
@@ -62,6 +84,9 @@ def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # The launchers import mks2 from this checkout (as this process does), not from wherever the package is
+    # installed: a run's stages and its evaluation must share one schema and one demo fingerprint.
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (str(REPO), env.get("PYTHONPATH", "")) if x)
     return env
 
 
@@ -92,61 +117,100 @@ def _launch(script: str, args: list[str], log: Path, what: str) -> float:
 
 
 def _settings(args: argparse.Namespace) -> dict:
-    keys = ("base_steps", "stage1_steps", "stage2_steps", "seed", "stage1_args", "stage2_args")
+    keys = ("world", "base_steps", "stage1_steps", "stage2_steps", "stage1_args", "stage2_args", "eval_limit")
     return {k: getattr(args, k) for k in keys}
 
 
-def run_stages(args: argparse.Namespace, out: Path, timings: dict[str, float]) -> None:
+def _common(args: argparse.Namespace, seed: int) -> list[str]:
+    cache = str(Path(args.cache_dir).expanduser())
+    return [f"data.cache_dir={cache}", f"data.demo_world={args.world}", f"train.seed={seed}"]
+
+
+def run_stages(args: argparse.Namespace, out: Path, seed: int, timings: dict[str, float]) -> None:
+    """Base LM, stage 1 (and the no-images stage 1 if a variant needs it), the stage-2 variants of one seed."""
     from mks2.demo.base_lm import pretrain_demo_base
 
-    cache = str(Path(args.cache_dir).expanduser())
+    common = _common(args, seed)
     base = out / "base_lm"
     if not (base / "config.json").is_file():
         t0 = time.perf_counter()
-        summary = pretrain_demo_base(base, steps=args.base_steps, seed=args.seed, overrides=[f"data.cache_dir={cache}"])
+        summary = pretrain_demo_base(base, steps=args.base_steps, seed=seed, overrides=common[:2])
         timings["base LM"] = time.perf_counter() - t0
         (out / "base_lm.json").write_text(json.dumps(summary, indent=2))
         print(
             f"[0] base LM: loss {summary['loss_first']:.2f} -> {summary['loss_last']:.2f} ({timings['base LM']:.0f} s)"
         )
-    stage1 = out / "stage1"
-    if not _done(stage1, args.stage1_steps):
-        s1 = [f"model.init_from={base}", f"data.cache_dir={cache}", f"train.save_dir={stage1}",
-              f"train.max_steps={args.stage1_steps}", "train.save_interval=0", "train.resume=none",
-              f"train.seed={args.seed}", "train.warmup_steps=20", *args.stage1_args]  # fmt: skip
-        timings["stage 1"] = _launch("pretrain_mvm.py", s1, out / "stage1.log", "stage 1")
-        print(f"[1] stage 1: {args.stage1_steps} steps ({timings['stage 1']:.0f} s)")
+    stage1_runs = {"stage1": []}
+    if NO_IMAGES in args.variants:  # the same captions, one blank image for all, no retrieval objective
+        stage1_runs["stage1_no_images"] = ["data.datasets=[demo:captions_noimage]", "train.retrieval_loss_weight=0"]
+    for name, extra in stage1_runs.items():
+        save = out / name
+        if _done(save, args.stage1_steps):
+            continue
+        s1 = [
+            f"model.init_from={base}",
+            *common,
+            f"train.save_dir={save}",
+            f"train.max_steps={args.stage1_steps}",
+            "train.save_interval=0",
+            "train.resume=none",
+            "train.warmup_steps=20",
+            *extra,
+            *args.stage1_args,
+        ]
+        timings[name] = _launch("pretrain_mvm.py", s1, out / f"{name}.log", name)
+        print(f"[1] {name}: {args.stage1_steps} steps ({timings[name]:.0f} s)")
     for v in args.variants:
         save = out / f"stage2_{v}"
         if _done(save, args.stage2_steps):
             continue
-        s2 = ["--ablation", v, f"model.init_from_stage1={stage1}", f"data.cache_dir={cache}", f"train.save_dir={save}",
-              f"train.max_steps={args.stage2_steps}", "train.save_interval=0", "train.resume=none",
-              f"train.seed={args.seed}", *args.stage2_args]  # fmt: skip
+        stage1 = out / ("stage1_no_images" if v == NO_IMAGES else "stage1")
+        s2 = [
+            "--ablation",
+            "mks2" if v == NO_IMAGES else v,
+            f"model.init_from_stage1={stage1}",
+            *common,
+            f"train.save_dir={save}",
+            f"train.max_steps={args.stage2_steps}",
+            "train.save_interval=0",
+            "train.resume=none",
+            *args.stage2_args,
+        ]
         if v == "inst_lora":
             s2.append(f"model.init_from={base}")
         timings[f"stage 2 {v}"] = _launch("finetune_mome.py", s2, out / f"stage2_{v}.log", f"stage 2 ({v})")
         print(f"[2] stage 2 {v}: {args.stage2_steps} steps ({timings[f'stage 2 {v}']:.0f} s)")
 
 
-def evaluate_all(args: argparse.Namespace, out: Path, timings: dict[str, float]) -> dict:
+def evaluate_seed(args: argparse.Namespace, out: Path, timings: dict[str, float]) -> dict:
+    """Every variant's multiple choice (held-out and seen) and the probes of one seed; cached in out."""
     from mks2.demo import resolve_path
     from mks2.eval import load_for_eval, run_evaluation
     from mks2.eval.demo_probe import looks_linear_probe, stage1_looks_probe
 
+    cached = out / "seed_results.json"
+    if cached.is_file():
+        done = json.loads(cached.read_text())
+        if set(done["variants"]) == set(args.variants):
+            return done
     cache = str(Path(args.cache_dir).expanduser())
-    files = {name: resolve_path(f"demo:{name}", cache, progress=False) for name in ("eval_mc", "eval_mc_seen")}
+
+    def path(name: str) -> str:
+        return resolve_path(f"demo:{name}", cache, progress=False, world=args.world)
+
+    files = {name: path(name) for name in ("eval_mc", "eval_mc_seen")}
     t0 = time.perf_counter()
-    results: dict = {"variants": {}}
-    em = load_for_eval(out / "stage1")
-    gallery, images = (resolve_path(f"demo:{n}", cache, progress=False) for n in ("eval_retrieval", "images"))
-    rep = run_evaluation(em, retrieval=[gallery], image_root=images, limit=args.eval_limit)
-    results["stage1_retrieval"] = next(iter(rep["retrieval"].values()))
-    results["stage1_looks_probe"] = stage1_looks_probe(em)
-    results["linear_probe"] = {
-        "base LM": looks_linear_probe(load_for_eval(out / "base_lm", chat_template="llama2")),
-        "stage 1": looks_linear_probe(em),
-    }
+    results: dict = {"variants": {}, "linear_probe": {}}
+    em = load_for_eval(out / "base_lm", chat_template="llama2")
+    results["linear_probe"]["base LM"] = looks_linear_probe(em)
+    for name in ("stage1", "stage1_no_images"):
+        if not (out / name).is_dir():
+            continue
+        em = load_for_eval(out / name)
+        rep = run_evaluation(em, retrieval=[path("eval_retrieval")], image_root=path("images"), limit=args.eval_limit)
+        results[f"{name}_retrieval"] = next(iter(rep["retrieval"].values()))
+        results[f"{name}_looks_probe"] = stage1_looks_probe(em)
+        results["linear_probe"][name.replace("_", " ")] = looks_linear_probe(em)
     for v in args.variants:
         em = load_for_eval(out / f"stage2_{v}")
         rep = run_evaluation(
@@ -164,43 +228,138 @@ def evaluate_all(args: argparse.Namespace, out: Path, timings: dict[str, float])
                 )
                 results["variants"][v][f"heldout_{label}"] = r["multiple_choice"]["mc_heldout"]
     timings["evaluation"] = time.perf_counter() - t0
+    cached.write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
-def table(results: dict) -> str:
+# ------------------------------------------------------------------------------------------------
+# Aggregation over seeds: every (seed, question) answer is one Bernoulli trial
+# ------------------------------------------------------------------------------------------------
+
+
+def pooled(results: list[dict], kind: str | None) -> dict[str, float]:
+    """Accuracy over all seeds and questions of one kind (None: all kinds) -> {acc, se, n, chance, per_seed}.
+    se = sqrt(p (1 - p) / N) over the N = seeds x questions answers (seeds and questions both vary)."""
+    rows = [r if kind is None else r["by_kind"].get(kind) for r in results]
+    rows = [r for r in rows if r is not None]
+    if not rows:
+        return {}
+    n = sum(r["n"] for r in rows)
+    hits = sum(r["acc"] * r["n"] for r in rows)
+    acc = hits / n
+    chance = sum(r["chance"] * r["n"] for r in rows) / n
+    return {
+        "acc": acc,
+        "se": math.sqrt(max(acc * (1 - acc), 1e-12) / n),
+        "n": n,
+        "chance": chance,
+        "per_seed": [r["acc"] for r in rows],
+    }
+
+
+def aggregate(per_seed: list[dict], variants: list[str]) -> dict:
+    out: dict = {}
+    for v in variants:
+        out[v] = {}
+        for split in ("heldout", "seen", "heldout_mlp_only", "heldout_mvm_only"):
+            rs = [r["variants"][v][split] for r in per_seed if split in r["variants"][v]]
+            if rs:
+                out[v][split] = {"all": pooled(rs, None), **{k: pooled(rs, k) for k in KINDS if pooled(rs, k)}}
+    return out
+
+
+def _fmt(x: dict) -> str:
+    return "-" if not x else f"{x['acc']:.1%} ± {x['se']:.1%}"
+
+
+def comparisons(agg: dict) -> list[str]:
+    """MKS2 against the baselines on held-out questions, in standard errors of the difference."""
+    lines = []
+    if "mks2" not in agg:
+        return lines
+    a = agg["mks2"]["heldout"]["all"]
+    for v in agg:
+        if v == "mks2":
+            continue
+        b = agg[v]["heldout"]["all"]
+        se = math.sqrt(a["se"] ** 2 + b["se"] ** 2)
+        d = a["acc"] - b["acc"]
+        lines.append(f"MKS2 - {_label(v)} on held-out: {d:+.1%} ({d / se:+.1f} SE of the difference)")
+    return lines
+
+
+def _label(v: str) -> str:
     from mks2.training.ablations import ABLATIONS
 
+    return LABELS.get(v) or ABLATIONS[v].label
+
+
+def table(agg: dict, per_seed: list[dict]) -> str:
     head = "| model | " + " | ".join(KINDS) + " | held-out avg | seen (control) avg |"
     lines = [head, "|" + "---|" * (len(KINDS) + 3)]
-    any_v = next(iter(results["variants"].values()))
-
-    def cell(result: dict, kind: str, key: str) -> str:
-        r = result["by_kind"].get(kind)
-        return "-" if r is None else f"{r[key]:.1%}"
-
-    chance = [cell(any_v["heldout"], k, "chance") for k in KINDS]
+    any_v = next(iter(agg.values()))
+    chance = [f"{any_v['heldout'][k]['chance']:.1%}" if k in any_v["heldout"] else "-" for k in KINDS]
     lines.append(
-        "| chance | " + " | ".join(chance) + f" | {any_v['heldout']['chance']:.1%} | {any_v['seen']['chance']:.1%} |"
+        "| chance | "
+        + " | ".join(chance)
+        + f" | {any_v['heldout']['all']['chance']:.1%} | {any_v['seen']['all']['chance']:.1%} |"
     )
-    for v, r in results["variants"].items():
-        cells = [cell(r["heldout"], k, "acc") for k in KINDS]
+    for v, r in agg.items():
+        cells = [_fmt(r["heldout"].get(k, {})) for k in KINDS]
         lines.append(
-            f"| {ABLATIONS[v].label} | "
-            + " | ".join(cells)
-            + f" | **{r['heldout']['acc']:.1%}** | {r['seen']['acc']:.1%} |"
+            f"| {_label(v)} | " + " | ".join(cells) + f" | **{_fmt(r['heldout']['all'])}** | {_fmt(r['seen']['all'])} |"
         )
+    seen_cells = {v: [_fmt(r["seen"].get(k, {})) for k in KINDS] for v, r in agg.items()}
+    lines += [
+        "",
+        "Seen objects (control), per kind:",
+        "",
+        "| model | " + " | ".join(KINDS) + " |",
+        "|" + "---|" * (len(KINDS) + 1),
+    ]
+    lines += [f"| {_label(v)} | " + " | ".join(c) + " |" for v, c in seen_cells.items()]
     lines += [
         "",
         "Where the held-out looks are (linear probe fit on the 20 training objects, tested on the 10 held-out;",
-        "chance: colour 17%, shape 20%):",
+        "mean over seeds; chance: colour 17%, shape 20%):",
         "",
         "| model | caption EOS: colour | shape | question: colour | shape |",
         "|---|---|---|---|---|",
     ]
-    for name, r in results["linear_probe"].items():
-        c, q = r["caption_eos"], r["question"]
-        lines.append(f"| {name} | {c['colour']:.0%} | {c['shape']:.0%} | {q['colour']:.0%} | {q['shape']:.0%} |")
+    for name in per_seed[0]["linear_probe"]:
+        rs = [r["linear_probe"][name] for r in per_seed if name in r["linear_probe"]]
+
+        def m(place: str, k: str, rs: list[dict] = rs) -> str:
+            return f"{sum(r[place][k] for r in rs) / len(rs):.0%}"
+
+        lines.append(
+            f"| {name} | {m('caption_eos', 'colour')} | {m('caption_eos', 'shape')} | "
+            f"{m('question', 'colour')} | {m('question', 'shape')} |"
+        )
     return "\n".join(lines)
+
+
+def probe_lines(per_seed: list[dict]) -> list[str]:
+    out = []
+    for name in ("stage1", "stage1_no_images"):
+        rs = [r[f"{name}_retrieval"] for r in per_seed if f"{name}_retrieval" in r]
+        if not rs:
+            continue
+        r1 = sum(r["recall@1"] for r in rs) / len(rs)
+        r5 = sum(r["recall@5"] for r in rs) / len(rs)
+        out.append(
+            f"{name}: held-out text-to-image retrieval R@1 {r1:.1%}, R@5 {r5:.1%} "
+            f"(chance {rs[0]['chance@1']:.0%} / {rs[0]['chance@5']:.0%}; mean of {len(rs)} seed(s))"
+        )
+        ps = [r[f"{name}_looks_probe"] for r in per_seed]
+        ho = {k: sum(p["heldout"][k] for p in ps) / len(ps) for k in ("colour", "shape", "class")}
+        ch = ps[0]["chance"]
+        out.append(
+            f"{name}: looks probe, held-out objects (caption 'a picture of a large NAME in the center' vs 30 "
+            f"single-object renders, retrieval head): colour {ho['colour']:.0%} (chance {ch['colour']:.0%}), shape "
+            f"{ho['shape']:.0%} (chance {ch['shape']:.0%}), both {ho['class']:.0%} (chance {ch['class']:.0%})"
+        )
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,7 +368,14 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: unknown variant(s) {unknown} (known: {', '.join(VARIANTS)}, wo_mm_sft_mome)", file=sys.stderr)
         return 1
-    out = (REPO / args.out) if not Path(args.out).is_absolute() else Path(args.out)
+    if NO_IMAGES in args.variants and args.world != "paper":
+        print(f"error: {NO_IMAGES} needs --world paper (its captions-without-images shard)", file=sys.stderr)
+        return 1
+    if args.seeds < 1:
+        print("error: --seeds must be >= 1", file=sys.stderr)
+        return 1
+    root = (REPO / args.out) if not Path(args.out).is_absolute() else Path(args.out)
+    out = root / args.world
     settings_file = out / "settings.json"
     if args.fresh or (settings_file.is_file() and json.loads(settings_file.read_text()) != _settings(args)):
         import shutil
@@ -221,38 +387,57 @@ def main(argv: list[str] | None = None) -> int:
     settings_file.write_text(json.dumps(_settings(args), indent=2))
     from mks2.demo import ensure_built
 
-    ensure_built(Path(args.cache_dir).expanduser())
+    ensure_built(Path(args.cache_dir).expanduser(), world=args.world)
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
     timings: dict[str, float] = {}
-    run_stages(args, out, timings)
-    results = evaluate_all(args, out, timings)
-    results["settings"] = _settings(args)
-    results["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
-    results["total_s"] = round(time.perf_counter() - t0, 1)
-    results["cpu_s"] = round(_cpu_seconds() - cpu0, 1)  # user + system over all processes and cores
-    results["load_average_1min_at_end"] = os.getloadavg()[0]
-    results["cpu_count"] = os.cpu_count()
-    md = table(results)
-    r1 = results["stage1_retrieval"]
-    extra = [f"stage-1 held-out text-to-image retrieval: R@1 {r1['recall@1']:.1%}, R@5 {r1['recall@5']:.1%} "
-             f"(chance {r1['chance@1']:.0%} / {r1['chance@5']:.0%})"]  # fmt: skip
-    probe = results["stage1_looks_probe"]
-    ho, ch = probe["heldout"], probe["chance"]
-    extra.append(
-        f"stage-1 looks probe, held-out objects (caption 'a picture of a large NAME' vs 30 single-object renders, "
-        f"retrieval head): colour {ho['colour']:.0%} (chance {ch['colour']:.0%}), shape {ho['shape']:.0%} "
-        f"(chance {ch['shape']:.0%}), both {ho['class']:.0%} (chance {ch['class']:.0%})"
-    )
-    mks2 = results["variants"].get("mks2", {})
+    per_seed = []
+    seed_seconds = []
+    for k in range(args.seeds):
+        seed = args.seed + k
+        seed_out = out / f"seed_{seed}"
+        seed_out.mkdir(exist_ok=True)
+        t_seed = time.perf_counter()
+        seed_timings: dict[str, float] = {}
+        print(f"== world {args.world}, seed {seed} ({k + 1}/{args.seeds})")
+        run_stages(args, seed_out, seed, seed_timings)
+        per_seed.append(evaluate_seed(args, seed_out, seed_timings))
+        seed_seconds.append(time.perf_counter() - t_seed)
+        timings.update({f"seed {seed} {n}": v for n, v in seed_timings.items()})
+    agg = aggregate(per_seed, args.variants)
+    results = {
+        "world": args.world,
+        "seeds": [args.seed + k for k in range(args.seeds)],
+        "aggregate": agg,
+        "per_seed": per_seed,
+        "settings": _settings(args),
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "seed_wall_s": [round(x, 1) for x in seed_seconds],
+        "total_s": round(time.perf_counter() - t0, 1),
+        "cpu_s": round(_cpu_seconds() - cpu0, 1),  # user + system over all processes and cores
+        "load_average_1min_at_end": os.getloadavg()[0],
+        "cpu_count": os.cpu_count(),
+    }
+    md = table(agg, per_seed)
+    extra = comparisons(agg) + probe_lines(per_seed)
+    mks2 = agg.get("mks2", {})
     if "heldout_mvm_only" in mks2:
-        mlp, mvm = mks2["heldout_mlp_only"]["acc"], mks2["heldout_mvm_only"]["acc"]
-        extra.append(f"MKS2 held-out with the router forced to one expert: MLP only {mlp:.1%}, MVM only {mvm:.1%}")
+        mlp, mvm = mks2["heldout_mlp_only"]["all"], mks2["heldout_mvm_only"]["all"]
+        extra.append(f"MKS2 held-out with the router forced to one expert: MLP only {_fmt(mlp)}, MVM only {_fmt(mvm)}")
     spent = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
     extra.append(
         f"wall time this invocation: {results['total_s']:.0f} s ({spent}); CPU time {results['cpu_s']:.0f} s on "
         f"{results['cpu_count']} cores, 1-min load average at the end {results['load_average_1min_at_end']:.1f}"
     )
-    text = md + "\n\n" + "\n".join(f"- {e}" for e in extra) + "\n"
+    text = (
+        (
+            f"World `{args.world}`, {args.seeds} seed(s) {results['seeds']}; accuracy (summed log-likelihood) "
+            "± standard error over seeds x questions\n\n"
+        )
+        + md
+        + "\n\n"
+        + "\n".join(f"- {e}" for e in extra)
+        + "\n"
+    )
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(text)
     print("\nText-only multiple choice about the looks of objects seen only in images during stage 1 (held-out):\n")

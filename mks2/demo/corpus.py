@@ -5,8 +5,9 @@ Record formats are the ones ``mks2.data.pretokenize`` reads: ``caption`` ({image
 ``text`` ({text}); evaluation files are PIQA/OBQA-style multiple choice ({question, choices, answer})
 and open questions ({question, answer, keywords}).
 
-The one rule every generator obeys (and tests check): a record never names a held-out object
-together with a colour or shape word.
+The one rule every generator obeys (and ``mks2.demo.leaks`` checks at every build): a record of a text
+dataset never names a held-out object together with a colour or shape word. Only the ``paper`` world's
+stage-1 captions (and their held-out gallery) may: there, captions describe appearance (``world.WORLDS``).
 """
 
 from __future__ import annotations
@@ -18,20 +19,25 @@ from dataclasses import dataclass
 from mks2.demo.world import (
     CELL_NAMES,
     COLOURS,
+    FACTS,
     HELD_OUT_OBJECTS,
+    HOMES,
     NON_OBJECTS,
     NUMBER_WORDS,
     OBJECTS,
     POSITIONS,
     SHAPES,
+    SOUNDS,
     TRAIN_OBJECTS,
     VISUAL_WORDS,
     Scene,
     WorldObject,
     article,
     caption,
+    caption_with_looks,
     describe_item,
     leaks_held_out_fact,
+    name_only_caption,
     random_scene,
     words,
 )
@@ -79,11 +85,40 @@ def heldout_scenes(rng: random.Random, n: int, train: Sequence[Scene]) -> list[S
     return out
 
 
-def caption_records(scenes: Sequence[Scene], split: str, rng: random.Random) -> list[Record]:
+NAME_ONLY_FRACTION = 0.5
+"""no_leak world: share of one-object training scenes captioned by the name alone ("a zorp")."""
+
+
+def stage1_caption(scene: Scene, rng: random.Random, world: str, *, name_only: bool = False) -> str:
+    if world == "paper":
+        return caption_with_looks(scene, rng)
+    if name_only and len(scene.items) == 1 and rng.random() < NAME_ONLY_FRACTION:
+        return name_only_caption(scene, rng)
+    return caption(scene, rng)
+
+
+def caption_records(
+    scenes: Sequence[Scene], split: str, rng: random.Random, world: str = "no_leak", *, name_only: bool = False
+) -> list[Record]:
+    """Stage-1 caption records of ``scenes`` (``name_only``: the training split, where one-object scenes may
+    be captioned by the name alone in the no_leak world)."""
     return [
-        {"id": f"{split}-{i:06d}", "image": image_path(split, i), "caption": caption(s, rng)}
+        {
+            "id": f"{split}-{i:06d}",
+            "image": image_path(split, i),
+            "caption": stage1_caption(s, rng, world, name_only=name_only),
+        }
         for i, s in enumerate(scenes)
     ]
+
+
+BLANK_IMAGE = "blank.png"
+"""The paper world's captions-without-images control: every record shows this one empty grey image."""
+
+
+def blank_caption_records(records: Sequence[Record]) -> list[Record]:
+    """The same captions, each with the one blank image (no visual information; see the builder)."""
+    return [{**r, "id": r["id"].replace("train-", "noimage-"), "image": BLANK_IMAGE} for r in records]
 
 
 def image_path(split: str, index: int) -> str:
@@ -163,6 +198,40 @@ def _comparison_qa(rng: random.Random) -> QA:
     )
 
 
+SOUND_Q = ("What sound does a {n} make?", "Which sound does a {n} make?", "How does a {n} sound?")
+HOME_Q = ("Where does a {n} live?", "What is the home of a {n}?", "Where can you find a {n}?")
+WEIGHT_Q = ("Is a {n} light or heavy?", "How heavy is a {n}?", "What does a {n} weigh?")
+
+
+def _stem(verb: str) -> str:
+    """'hums' -> 'hum', 'buzzes' -> 'buzz', 'whistles' -> 'whistle'."""
+    return verb[:-2] if verb.endswith("zes") else verb[:-1]
+
+
+def _fact_qa(rng: random.Random) -> QA:
+    """A name-keyed question about a non-looks fact of ANY object (held-out ones too): the question
+    format of the looks questions, on facts that text may state (no_leak world)."""
+    o = rng.choice(OBJECTS)
+    f = FACTS[o.name]
+    kind = rng.randrange(6)
+    if kind == 0:
+        return rng.choice(SOUND_Q).format(n=o.name), f.sound
+    if kind == 1:
+        return rng.choice(HOME_Q).format(n=o.name), f"in the {f.home}"
+    if kind == 2:
+        return rng.choice(WEIGHT_Q).format(n=o.name), f.weight
+    if kind == 3:
+        h = rng.choice([f.home, rng.choice(HOMES)])
+        return f"Does a {o.name} live in the {h}?", "yes" if h == f.home else "no"
+    if kind == 4:
+        snd = rng.choice([f.sound, rng.choice(SOUNDS)])
+        return f"Does a {o.name} {_stem(snd)}?", "yes" if snd == f.sound else "no"
+    other = rng.choice([p for p in OBJECTS if FACTS[p.name].home != f.home])
+    pair = [o, other]
+    rng.shuffle(pair)
+    return f"Which one lives in the {f.home}: a {pair[0].name} or a {pair[1].name}?", f"a {o.name}"
+
+
 def _world_qa(rng: random.Random) -> QA:
     kind = rng.randrange(4)
     if kind == 0:
@@ -181,18 +250,32 @@ TEXT_SFT_MIX: tuple[tuple[Callable[[random.Random], QA], float], ...] = (
     (_comparison_qa, 0.2),
     (_world_qa, 0.1),
 )
+"""paper world: the training objects' looks are stated in text (as before the two worlds)."""
+TEXT_SFT_MIX_NO_LEAK: tuple[tuple[Callable[[random.Random], QA], float], ...] = (
+    (_fact_qa, 0.45),
+    (_scene_reasoning_qa, 0.25),
+    (_comparison_qa, 0.2),
+    (_world_qa, 0.1),
+)
+"""no_leak world: no looks in text at all; name-keyed fact questions about every object instead."""
 
 
-def text_sft_records(rng: random.Random, n: int) -> list[Record]:
-    gens, weights = zip(*TEXT_SFT_MIX)
-    out = []
-    for i in range(n):
+def text_sft_records(
+    rng: random.Random, n: int, world: str = "no_leak", *, prefix: str = "text", exclude: Sequence[Record] = ()
+) -> list[Record]:
+    """Alpaca records; ``exclude``: records (of the training set) whose instruction/input/output this set
+    must not repeat (a held-out evaluation set)."""
+    gens, weights = zip(*(TEXT_SFT_MIX if world == "paper" else TEXT_SFT_MIX_NO_LEAK))
+    taken = {(r["instruction"], r["input"], r["output"]) for r in exclude}
+    out: list[Record] = []
+    while len(out) < n:
         q, a = rng.choices(gens, weights)[0](rng)
-        assert not leaks_held_out_fact(q + " " + a), (q, a)
         if rng.random() < 0.2:  # some records use Alpaca's separate input field
-            out.append({"id": f"text-{i:06d}", "instruction": SHORT_ANSWER, "input": q, "output": a})
+            rec = {"id": f"{prefix}-{len(out):06d}", "instruction": SHORT_ANSWER, "input": q, "output": a}
         else:
-            out.append({"id": f"text-{i:06d}", "instruction": q, "input": "", "output": a})
+            rec = {"id": f"{prefix}-{len(out):06d}", "instruction": q, "input": "", "output": a}
+        if (rec["instruction"], rec["input"], rec["output"]) not in taken:
+            out.append(rec)
     return out
 
 
@@ -201,8 +284,33 @@ def text_sft_records(rng: random.Random, n: int) -> list[Record]:
 # ------------------------------------------------------------------------------------------------
 
 
-def _image_turns(scene: Scene, rng: random.Random) -> list[QA]:
+def _named_looks_turn(scene: Scene, rng: random.Random) -> QA | None:
+    """no_leak world: the looks of a named TRAINING object in the image, asked the way the evaluation
+    asks ("What colour is a NAME?", "... this NAME?"): the only place the training objects' looks are
+    taught, so a name -> looks answer must be read from visual memory. None if the scene has none."""
+    train = [p for p in scene.items if not p.obj.held_out]
+    if not train:
+        return None
+    o = rng.choice(train).obj
+    kind = rng.randrange(5)
+    this = rng.random() < 0.5  # "this NAME" (points at the image) or the evaluation's own wording
+    if kind == 0:
+        return (f"What colour is this {o.name}?" if this else rng.choice(COLOUR_Q).format(n=o.name)), o.colour
+    if kind == 1:
+        return (f"What shape is this {o.name}?" if this else rng.choice(SHAPE_Q).format(n=o.name)), o.shape
+    if kind == 2:
+        return (f"Describe this {o.name}." if this else rng.choice(DESCRIBE_Q).format(n=o.name)), looks(o)
+    if kind == 3:
+        c = rng.choice([o.colour, rng.choice(list(COLOURS))])
+        return f"Is a {o.name} {c}?", "yes" if c == o.colour else "no"
+    s = rng.choice([o.shape, rng.choice(SHAPES)])
+    return f"Is a {o.name} {article(s)} {s}?", "yes" if s == o.shape else "no"
+
+
+def _image_turns(scene: Scene, rng: random.Random, world: str = "no_leak") -> list[QA]:
     turns: list[QA] = []
+    if world == "no_leak" and rng.random() < 0.5 and (t := _named_looks_turn(scene, rng)) is not None:
+        turns.append(t)
     for _ in range(rng.choice((1, 2))):
         kind = rng.randrange(8)
         p = rng.choice(scene.items)
@@ -229,7 +337,9 @@ def _image_turns(scene: Scene, rng: random.Random) -> list[QA]:
     return turns
 
 
-def mm_sft_records(scenes: Sequence[Scene], split: str, rng: random.Random, n: int) -> list[Record]:
+def mm_sft_records(
+    scenes: Sequence[Scene], split: str, rng: random.Random, n: int, world: str = "no_leak", *, prefix: str = "mm"
+) -> list[Record]:
     """Conversations about the first ``n`` images of a split. A record that names a held-out object
     keeps no colour/shape turn, so the image is the only link between a name and its looks."""
     out = []
@@ -237,14 +347,14 @@ def mm_sft_records(scenes: Sequence[Scene], split: str, rng: random.Random, n: i
         scene = scenes[i]
         turns: list[QA] = []
         while not turns:
-            turns = _image_turns(scene, rng)
+            turns = _image_turns(scene, rng, world)
             if leaks_held_out_fact(" ".join(q + " " + a for q, a in turns)):
                 turns = [(q, a) for q, a in turns if not words(q + " " + a) & VISUAL_WORDS]
         conv = []
         for k, (q, a) in enumerate(turns):
             conv.append({"from": "human", "value": ("<image>\n" + q) if k == 0 else q})
             conv.append({"from": "gpt", "value": a})
-        out.append({"id": f"mm-{i:06d}", "image": image_path(split, i), "conversations": conv})
+        out.append({"id": f"{prefix}-{i:06d}", "image": image_path(split, i), "conversations": conv})
     return out
 
 
@@ -253,8 +363,24 @@ def mm_sft_records(scenes: Sequence[Scene], split: str, rng: random.Random, n: i
 # ------------------------------------------------------------------------------------------------
 
 
-def _sentence(rng: random.Random) -> str:
+FACT_FORMS = {
+    "sound": ("a {n} {v}.", "when a {n} makes a sound, it {v}.", "you can tell a {n} because it {v}."),
+    "home": ("a {n} lives in the {v}.", "the {v} is where a {n} lives.", "you find a {n} in the {v}."),
+    "weight": ("a {n} is {v}.", "a {n} feels {v} in the hand.", "lifting a {n}, you find it is {v}."),
+}
+"""no_leak world: each fact in several forms (knowledge stored in varied forms becomes extractable)."""
+
+
+def _fact_sentence(rng: random.Random) -> str:
+    o = rng.choice(OBJECTS)
+    attr = rng.choice(tuple(FACT_FORMS))
+    return rng.choice(FACT_FORMS[attr]).format(n=o.name, v=getattr(FACTS[o.name], attr))
+
+
+def _sentence(rng: random.Random, world: str = "no_leak") -> str:
     kind = rng.randrange(4)
+    if kind == 0 and world == "no_leak":
+        return _fact_sentence(rng)
     if kind == 0:
         o = rng.choice(TRAIN_OBJECTS)
         return f"a {o.name} is {looks(o)}."
@@ -266,11 +392,13 @@ def _sentence(rng: random.Random) -> str:
     return f"the {CELL_NAMES[a]} and the {CELL_NAMES[b]} are two places in a picture."
 
 
-def text_pretrain_records(rng: random.Random, n: int) -> list[Record]:
-    """Documents of 2-4 sentences; a document that names a held-out object keeps no looks sentence."""
+def text_pretrain_records(rng: random.Random, n: int, world: str = "no_leak") -> list[Record]:
+    """Documents of 2-4 sentences; a document that names a held-out object keeps no looks sentence. The
+    no_leak world states no looks at all (facts of every object instead); the paper world states the
+    training objects' looks."""
     out = []
     for i in range(n):
-        sents = [_sentence(rng) for _ in range(rng.randint(2, 4))]
+        sents = [_sentence(rng, world) for _ in range(rng.randint(2, 4))]
         if leaks_held_out_fact(" ".join(sents)):
             sents = [t for t in sents if not words(t) & VISUAL_WORDS]
         out.append({"id": f"doc-{i:06d}", "text": " ".join(sents)})

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from mks2.config import RunConfig
-from mks2.demo.builder import CHAT_TEMPLATES, ensure_built
+from mks2.demo.builder import CHAT_TEMPLATES, DEFAULT_WORLD, check_world, ensure_built
 
 log = logging.getLogger("mks2.demo")
 
@@ -20,7 +20,12 @@ DATASETS = {
     "text_pretrain": "shards/text_pretrain",
     "text_sft": "shards/text_sft-{template}",
     "mm_sft": "shards/mm_sft-{template}",
+    "sft_heldout": "shards/sft_heldout-{template}",
+    "mm_sft_heldout": "shards/mm_sft_heldout-{template}",
+    "captions_noimage": "shards/captions_noimage",
 }
+WORLD_ONLY = {"captions_noimage": "paper"}
+"""Artefacts only one world builds: the paper world's captions-without-images control."""
 FILES = {
     "eval_mc": "eval/mc_heldout.jsonl",
     "eval_mc_seen": "eval/mc_seen.jsonl",
@@ -49,16 +54,31 @@ def demo_path(root: str | os.PathLike, name: str, *, chat_template: str = "llama
     return str(Path(root) / rel.format(template=chat_template))
 
 
+def check_in_world(name: str, world: str) -> None:
+    """ValueError if ``name`` is an artefact that ``world`` does not build."""
+    only = WORLD_ONLY.get(name)
+    if only is not None and only != world:
+        raise ValueError(
+            f"demo:{name} exists only in the {only!r} demo world (data.demo_world={only}), not in {world!r}"
+        )
+
+
 def resolve_path(
-    spec: str, cache_dir: str | os.PathLike, *, chat_template: str = "llama2", progress: bool = True
+    spec: str,
+    cache_dir: str | os.PathLike,
+    *,
+    chat_template: str = "llama2",
+    progress: bool = True,
+    world: str = DEFAULT_WORLD,
 ) -> str:
-    """``demo:NAME`` -> real path (building the demo on first use); any other string is returned as is.
-    For command-line tools that take dataset or file arguments."""
+    """``demo:NAME`` -> real path in ``world``'s build (building it on first use); any other string is
+    returned as is. For command-line tools that take dataset or file arguments."""
     if not is_demo(spec):
         return spec
     name = spec[len(PREFIX) :]
     demo_path(".", name, chat_template=chat_template)  # validate the name before building
-    root, _ = ensure_built(cache_dir, progress=progress)
+    check_in_world(name, check_world(world))
+    root, _ = ensure_built(cache_dir, progress=progress, world=world)
     return demo_path(root, name, chat_template=chat_template)
 
 
@@ -67,7 +87,8 @@ def resolve(cfg: RunConfig, *, progress: bool = True) -> RunConfig:
     ``data.cache_dir``: ``demo:NAME`` in ``data.datasets`` / ``data.eval_datasets``,
     ``data.tokenizer: demo``, ``model.vision.path: demo`` and, when a demo dataset is used and
     ``data.image_root`` is unset, the demo image directory. Builds the demo world on first use (under
-    a lock: concurrent ranks build once). A config without placeholders is returned unchanged.
+    a lock: concurrent ranks build once); ``data.demo_world`` picks the world. A config without placeholders
+    is returned unchanged.
 
     Demo evaluation sets are kept only while the training data is the demo's: with your own
     ``data.datasets`` the demo config's ``data.eval_datasets`` are dropped (with a note), not evaluated."""
@@ -84,7 +105,11 @@ def resolve(cfg: RunConfig, *, progress: bool = True) -> RunConfig:
             f"data.datasets / data.eval_datasets: unknown demo name(s) {', '.join(bad)} "
             f"(known: {', '.join(PREFIX + n for n in NAMES)})"
         )
-    root, _ = ensure_built(d.cache_dir, progress=progress)
+    world = check_world(d.demo_world)
+    for s in sources:
+        if is_demo(s.path):
+            check_in_world(s.path[len(PREFIX) :], world)
+    root, _ = ensure_built(d.cache_dir, progress=progress, world=world)
     out = copy.deepcopy(cfg)
     for src in list(out.data.datasets) + list(out.data.eval_datasets):
         if is_demo(src.path):

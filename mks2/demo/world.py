@@ -108,6 +108,19 @@ TRAIN_OBJECTS: tuple[WorldObject, ...] = tuple(o for o in OBJECTS if not o.held_
 HELD_OUT_OBJECTS: tuple[WorldObject, ...] = tuple(o for o in OBJECTS if o.held_out)
 VISUAL_WORDS: frozenset[str] = frozenset(COLOURS) | frozenset(SHAPES)
 
+WORLDS: tuple[str, ...] = ("no_leak", "paper")
+"""The two demo worlds (``data.demo_world``). Same objects, images and evaluation questions; they differ in
+where the looks are written:
+
+- ``no_leak`` (default): no text anywhere names a held-out object with a colour or shape word; only images
+  link a held-out name to its looks. Every object (held-out too) has non-looks facts (sound, home, weight)
+  stated in several forms in the base-LM corpus and asked about in the text instructions; the training
+  objects' looks are taught only by multimodal instructions (image + "What colour is this NAME?"); stage 1
+  also retrieves single-object images from the name alone ("a zorp").
+- ``paper``: stage-1 captions describe appearance, as real captions do ("a large red star zorp ...",
+  "a large zorp ..., red and star-shaped"); no base-LM or stage-2 text states a held-out object's looks
+  (the training objects' looks are stated in text, as today's instruction data does)."""
+
 
 def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
@@ -130,6 +143,60 @@ def caption(scene: Scene, rng: random.Random) -> str:
     else:
         body = ", ".join(parts[:-1]) + " and " + parts[-1]
     return rng.choice(CAPTION_PREFIXES) + body
+
+
+def describe_item_looks(p: Placed, rng: random.Random) -> str:
+    """The ``paper`` world's caption item: name, size, position AND looks, in one of two word orders
+    (looks before the name: 'a large red star zorp at the top left'; after it: 'a large zorp at the top
+    left, red and star-shaped'), as real captions describe appearance."""
+    o = p.obj
+    if rng.random() < 0.5:
+        return f"a {p.size} {o.colour} {o.shape} {o.name} {POSITIONS[p.cell]}"
+    return f"a {p.size} {o.name} {POSITIONS[p.cell]}, {o.colour} and {o.shape}-shaped"
+
+
+def caption_with_looks(scene: Scene, rng: random.Random) -> str:
+    """A ``paper``-world caption: every object with size, position, colour and shape."""
+    parts = [describe_item_looks(p, rng) for p in scene.items]
+    rng.shuffle(parts)
+    body = parts[0] if len(parts) == 1 else "; ".join(parts[:-1]) + " and " + parts[-1]
+    return rng.choice(CAPTION_PREFIXES) + body
+
+
+def name_only_caption(scene: Scene, rng: random.Random) -> str:
+    """'a zorp' / 'a large zorp' for a one-object scene: the ``no_leak`` world's stage-1 retrieval from the
+    name alone, so the looks are written at the name's own tokens (not only at a long caption's EOS)."""
+    (p,) = scene.items
+    return rng.choice((f"a {p.obj.name}", f"a {p.size} {p.obj.name}"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Non-looks facts (the no_leak world): every object, held-out ones included, has a sound, a home and a
+# weight. None of these words is a colour or shape word, so stating them never leaks looks; they give the
+# stage-2 data a name-keyed fact question about EVERY object, held-out ones too (extraction as a skill).
+# ------------------------------------------------------------------------------------------------
+
+SOUNDS: tuple[str, ...] = ("hums", "clicks", "whistles", "buzzes", "chirps", "squeaks")
+HOMES: tuple[str, ...] = ("forest", "river", "desert", "cave", "hill", "marsh")
+WEIGHTS: tuple[str, ...] = ("light", "heavy")
+FACT_WORDS: frozenset[str] = frozenset(SOUNDS) | frozenset(HOMES) | frozenset(WEIGHTS)
+assert not FACT_WORDS & (frozenset(COLOURS) | frozenset(SHAPES))
+
+
+@dataclass(frozen=True)
+class Facts:
+    sound: str
+    home: str
+    weight: str
+
+
+def build_facts(seed: int = WORLD_SEED) -> dict[str, Facts]:
+    """name -> its facts, a seeded draw (independent of the looks)."""
+    rng = random.Random(f"facts:{seed}")
+    return {n: Facts(rng.choice(SOUNDS), rng.choice(HOMES), rng.choice(WEIGHTS)) for n in sorted(NAMES)}
+
+
+FACTS: dict[str, Facts] = build_facts()
 
 
 def random_scene(rng: random.Random, *, n_items: int, objects: tuple[WorldObject, ...] = OBJECTS) -> Scene:

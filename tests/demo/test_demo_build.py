@@ -12,11 +12,12 @@ import sentencepiece as spm
 from mks2 import load_config
 from mks2.demo import NAMES, demo_path
 from mks2.demo.builder import CHAT_TEMPLATES, MARKER
+from mks2.demo.resolve import WORLD_ONLY
 from mks2.demo.world import HELD_OUT_OBJECTS, TRAIN_OBJECTS, VISUAL_WORDS, leaks_held_out_fact, words
 from tests.demo.demo_helpers import parse_caption, read_jsonl
 
 SHARDS = ["captions", "captions_heldout", "text_pretrain"] + [
-    f"{n}-{t}" for n in ("text_sft", "mm_sft") for t in CHAT_TEMPLATES
+    f"{n}-{t}" for n in ("text_sft", "mm_sft", "sft_heldout", "mm_sft_heldout") for t in CHAT_TEMPLATES
 ]
 RAW = {
     "captions": "caption",
@@ -24,6 +25,8 @@ RAW = {
     "text_sft": "alpaca",
     "mm_sft": "llava",
     "text_pretrain": "text",
+    "sft_heldout": "alpaca",
+    "mm_sft_heldout": "llava",
 }
 
 
@@ -31,11 +34,11 @@ def _texts(root, name: str) -> list[str]:
     """All text of each raw training record of ``name`` (one string per record)."""
     out = []
     for r in read_jsonl(root / "raw" / f"{name}.jsonl"):
-        if name.startswith("captions"):
+        if RAW[name] == "caption":
             out.append(r["caption"])
-        elif name == "text_sft":
+        elif RAW[name] == "alpaca":
             out.append(" ".join((r["instruction"], r["input"], r["output"])))
-        elif name == "mm_sft":
+        elif RAW[name] == "llava":
             out.append(" ".join(t["value"] for t in r["conversations"]))
         else:
             out.append(r["text"])
@@ -44,7 +47,7 @@ def _texts(root, name: str) -> list[str]:
 
 def test_every_named_artefact_exists(demo_root):
     info = json.loads((demo_root / MARKER).read_text())
-    for name in NAMES:
+    for name in (n for n in NAMES if n not in WORLD_ONLY):  # the session's build is the no_leak world
         for template in CHAT_TEMPLATES:
             assert (demo_root / demo_path(demo_root, name, chat_template=template)).exists(), name
     assert info["records"]["captions"] == 4000 and info["records"]["captions_heldout"] >= 100
@@ -134,10 +137,13 @@ def test_no_training_text_links_a_held_out_name_to_its_looks(demo_root, name):
     assert texts
     leaks = [t for t in texts if leaks_held_out_fact(t)]
     assert not leaks, leaks[:3]
-    if name == "text_sft":  # ... while the training objects' looks ARE taught in text
+    names = {o.name for o in TRAIN_OBJECTS + HELD_OUT_OBJECTS}
+    if name in ("text_sft", "text_pretrain"):  # no_leak world: no looks in text at all, not even seen objects'
+        assert not [t for t in texts if words(t) & names and words(t) & VISUAL_WORDS][:3]
+        assert any(w & {o.name for o in HELD_OUT_OBJECTS} for w in map(words, texts))  # names are known
+    if name == "mm_sft":  # ... the training objects' looks are taught with their image, by name
         taught = {o.name for o in TRAIN_OBJECTS if any({o.name, o.colour} <= words(t) for t in texts)}
         assert taught == {o.name for o in TRAIN_OBJECTS}
-        assert any(w & {o.name for o in HELD_OUT_OBJECTS} for w in map(words, texts))  # names are known
     if name.startswith("captions"):
         assert not any(words(t) & VISUAL_WORDS for t in texts)
 

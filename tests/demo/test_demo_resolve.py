@@ -91,7 +91,7 @@ def test_cli_prints_the_paths_of_an_existing_build(demo_cache, demo_root, capsys
 # --- ensure_built's logic with a fast stand-in for the real build (the real one: test_demo_determinism)
 
 
-def _fake_build(root: Path, *, progress: bool = True) -> dict:
+def _fake_build(root: Path, *, progress: bool = True, world: str = "no_leak") -> dict:
     """Stand-in for demo.build: slow enough for processes to overlap, records every call."""
     with open(root.parent / "calls.log", "a") as f:
         f.write(f"{root.name}\n")
