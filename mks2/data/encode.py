@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ import numpy as np
 from mks2.data.chat import Piece
 from mks2.data.errors import BadRecord
 from mks2.data.formats import KIND_HAS_IMAGE, normalize_image_path, parse_payload, record_pieces
-from mks2.data.records import InputFile, RecordProblem, location
+from mks2.data.records import InputFile, LineBlock, RecordProblem, location
 from mks2.data.shards import serialize_shard, sha256_bytes, shard_name
 from mks2.data.tokenizer import Tokenizer
 from mks2.fileio import atomic_write_bytes
@@ -92,50 +92,221 @@ def check_image(path: str, image_root: str | None) -> None:
         raise RecordProblem(f"image cannot be decoded: {full} ({type(exc).__name__}: {exc})") from None
 
 
+FIXED_KINDS = ("caption", "text")  # one text span between fixed tokens: encoded without pieces
+
+
+def encode_fixed(
+    tokenizer: Tokenizer, texts: Sequence[str], *, with_image: bool, image_token_id: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Records ``<s> [<image>] text </s>`` (loss on the text and EOS), as ``record_pieces`` builds for
+    the caption and text kinds, encoded with one tokenizer call and numpy scatters instead of a
+    Python loop per record: (lengths int64 [R], values int32 [T], loss_mask int8 [T])."""
+    encoded = tokenizer.encode_batch(texts) if texts else []
+    rows = len(encoded)
+    text_len = np.fromiter(map(len, encoded), dtype=np.int64, count=rows)  # [R]
+    n_text = int(text_len.sum())
+    flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=n_text)  # [sum text_len]
+    prefix = 2 if with_image else 1
+    lengths = text_len + (prefix + 1)
+    ends = np.cumsum(lengths)  # [R] one past each row's EOS
+    starts = ends - lengths
+    total = int(ends[-1]) if rows else 0
+    values = np.empty(total, dtype=np.int32)
+    mask = np.zeros(total, dtype=np.int8)
+    values[starts] = tokenizer.bos_id
+    if with_image:
+        values[starts + 1] = image_token_id
+    values[ends - 1] = tokenizer.eos_id
+    mask[ends - 1] = 1
+    # text token j of row r lands at starts[r] + prefix + j; flat index = text_starts[r] + j
+    text_starts = np.cumsum(text_len) - text_len
+    where = np.arange(n_text, dtype=np.int64) + np.repeat(starts + prefix - text_starts, text_len)
+    values[where] = flat
+    mask[where] = 1
+    return lengths, values, mask
+
+
+def _read_block_columns(block: LineBlock, names: Sequence[str]) -> list[list[str]] | None:
+    """The string columns ``names`` of every record of ``block`` parsed by Arrow's C++ JSON reader, or
+    None when the block holds anything the per-record path (Python's ``json.loads``, whose verdict
+    defines a bad record) might judge differently: a parse error, a byte order mark (Arrow skips it,
+    Python refuses it), a row count other than the block's record count (Arrow reads two objects on
+    one line as two rows), a missing/null field or one that is not a string (the explicit schema
+    makes Arrow refuse those), invalid UTF-8 anywhere in the block. Arrow refuses lone surrogate
+    escapes, raw control characters in strings and duplicate keys itself."""
+    data = block.data
+    if b"\xef\xbb\xbf" in data or len(set(names)) != len(names):
+        return None
+    try:  # Arrow checks the UTF-8 of the columns it keeps only (and only when they are read)
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    import pyarrow as pa
+    import pyarrow.json as pj
+
+    schema = pa.schema([(n, pa.string()) for n in names])
+    try:
+        table = pj.read_json(
+            pa.BufferReader(data),
+            # one block for the whole text (no line may straddle two) and no threads: one worker per core
+            read_options=pj.ReadOptions(use_threads=False, block_size=min(max(len(data), 1 << 16), (1 << 31) - 1)),
+            parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"),
+        )
+    except Exception:  # ArrowInvalid and friends: leave the verdict to the per-record path
+        return None
+    if table.num_rows != block.records:
+        return None
+    columns = [table.column(n) for n in names]
+    if any(c.null_count for c in columns):
+        return None
+    return [c.to_pylist() for c in columns]
+
+
+def _fast_fixed_block(s: EncodeSettings, block: LineBlock) -> tuple[list[str], list[str] | None] | None:
+    """(texts, images or None) of a JSONL block of caption/text records when every record is good as
+    far as parsing and fields go (exactly what ``record_pieces`` would return); None sends the block
+    to the per-record path, which reports each bad record by line."""
+    if s.kind == "caption":
+        got = _read_block_columns(block, [s.fields["image"], s.fields["caption"]])
+        if got is None:
+            return None
+        images, captions = got
+        texts = [c.strip() for c in captions]
+        if not all(texts) or not all(i and not i.isspace() for i in images):
+            return None  # an empty field: get_str's "is empty"
+        if s.image_root:
+            images = [normalize_image_path(i, s.image_root) for i in images]
+        return texts, images
+    got = _read_block_columns(block, [s.fields["text"]])
+    if got is None:
+        return None
+    texts = got[0]
+    if not all(t and not t.isspace() for t in texts):  # str.isspace: the set str.strip() removes
+        return None
+    return texts, None
+
+
+def _parse_record(s: EncodeSettings, payload: Any) -> tuple[list[Piece], str | None]:
+    """Pieces and image of one record (RecordProblem when it is bad), image checked if asked."""
+    rec = parse_payload(payload)
+    pieces, image = record_pieces(
+        s.kind, rec, s.fields, template=s.template, system_prompt=s.system_prompt, image_token=s.image_token
+    )
+    if image is not None:
+        image = normalize_image_path(image, s.image_root)
+        if s.check_images:
+            check_image(image, s.image_root)
+    return pieces, image
+
+
+def _unit_records(unit: LineBlock | tuple[int, int, Any]) -> Iterator[tuple[int, int, Any]]:
+    if isinstance(unit, LineBlock):
+        return ((unit.file_index, number, line) for number, line in unit.lines())
+    return iter((unit,))
+
+
+def _locator(s: EncodeSettings, units: Sequence[LineBlock | tuple[int, int, Any]]):
+    """position in shard -> ``file:line`` (recounts a block's lines; only called for bad records)."""
+
+    def where(pos: int) -> str:
+        for unit in units:
+            n = unit.records if isinstance(unit, LineBlock) else 1
+            if pos < n:
+                fi, number, _ = next(itertools.islice(_unit_records(unit), pos, None))
+                return location(s.files[fi], number)
+            pos -= n
+        raise IndexError(pos)
+
+    return where
+
+
 def encode_shard(
-    settings: EncodeSettings, tokenizer: Tokenizer, index: int, records: Sequence[tuple[int, int, Any]]
+    settings: EncodeSettings, tokenizer: Tokenizer, index: int, units: Sequence[LineBlock | tuple[int, int, Any]]
 ) -> dict[str, Any]:
     """Encode one shard's records, write ``shard-NNNNNN.arrow`` atomically, return its statistics.
 
-    Raises ``BadRecord`` for the first bad record (in input order) when ``on_error == "fail"``."""
+    ``units``: ``LineBlock``s (JSONL lines) and single ``(file_index, number, payload)`` records, in
+    input order. Caption and text records of a block are parsed by Arrow and encoded in one batch with
+    no per-record Python beyond a few list comprehensions; any block the fast path cannot vouch for,
+    and the other kinds and inputs, go record by record (parse, pieces) with the tokenizer still
+    called once per shard. Raises ``BadRecord`` for the first bad record (in input order) when
+    ``on_error == "fail"``."""
     s = settings
+    fixed = s.kind in FIXED_KINDS
     problems: list[tuple[int, str, str]] = []  # (position in shard, where, reason)
-    parsed: list[tuple[int, list[Piece], str | None]] = []
-    for pos, (fi, number, payload) in enumerate(records):
-        try:
-            rec = parse_payload(payload)
-            pieces, image = record_pieces(
-                s.kind, rec, s.fields, template=s.template, system_prompt=s.system_prompt, image_token=s.image_token
-            )
-            if image is not None:
-                image = normalize_image_path(image, s.image_root)
-                if s.check_images:
-                    check_image(image, s.image_root)
-            parsed.append((pos, pieces, image))
-        except RecordProblem as exc:
-            problems.append((pos, location(s.files[fi], number), str(exc)))
-            if s.on_error == "fail":
-                break  # nothing after the first bad record matters
+    positions: list[int] = []  # position in shard of each parsed record
+    texts: list[str] = []  # fixed kinds: the text span of each parsed record
+    pieces_list: list[list[Piece]] = []  # other kinds: the pieces of each parsed record
+    images: list[str | None] = []
+    where = _locator(s, units)
+    pos = 0
+    stop = False
+    for unit in units:
+        fast = _fast_fixed_block(s, unit) if fixed and isinstance(unit, LineBlock) else None
+        if fast is not None:
+            block_texts, block_images = fast
+            if block_images is not None and s.check_images:
+                good = []
+                for k, image in enumerate(block_images):
+                    try:
+                        check_image(image, s.image_root)
+                        good.append(k)
+                    except RecordProblem as exc:
+                        problems.append((pos + k, where(pos + k), str(exc)))
+                        if s.on_error == "fail":
+                            stop = True
+                            break
+                block_texts = [block_texts[k] for k in good]
+                block_images = [block_images[k] for k in good]
+                positions += [pos + k for k in good]
+            else:
+                positions += range(pos, pos + len(block_texts))
+            texts += block_texts
+            images += block_images if block_images is not None else [None] * len(block_texts)
+            pos += unit.records
+        else:
+            for fi, number, payload in _unit_records(unit):
+                try:
+                    pieces, image = _parse_record(s, payload)
+                except RecordProblem as exc:
+                    problems.append((pos, location(s.files[fi], number), str(exc)))
+                    if s.on_error == "fail":
+                        stop = True  # nothing after the first bad record matters
+                        break
+                else:
+                    positions.append(pos)
+                    if fixed:
+                        texts.append(next(p.text for p in pieces if p.kind == "text"))
+                    else:
+                        pieces_list.append(pieces)
+                    images.append(image)
+                pos += 1
+        if stop:
+            break
+    records = sum(u.records if isinstance(u, LineBlock) else 1 for u in units)
 
-    lengths, values, mask = encode_many(tokenizer, [p for _, p, _ in parsed], image_token_id=s.image_token_id)
-    keep = np.ones(len(parsed), dtype=bool)
+    if fixed:
+        lengths, values, mask = encode_fixed(
+            tokenizer, texts, with_image=s.kind == "caption", image_token_id=s.image_token_id
+        )
+    else:
+        lengths, values, mask = encode_many(tokenizer, pieces_list, image_token_id=s.image_token_id)
+    keep = np.ones(len(positions), dtype=bool)
     if s.max_tokens is not None:
         for k in np.flatnonzero(lengths > s.max_tokens):
-            pos = parsed[k][0]
-            fi, number, _ = records[pos]
             reason = f"over-long record: {int(lengths[k])} tokens > --max-tokens {s.max_tokens}"
-            problems.append((pos, location(s.files[fi], number), reason))
+            problems.append((positions[k], where(positions[k]), reason))
             keep[k] = False
     problems.sort()
     if problems and s.on_error == "fail":
-        _, where, reason = problems[0]
-        raise BadRecord(where, reason)
+        _, at, reason = problems[0]
+        raise BadRecord(at, reason)
     if not keep.all():
         token_keep = np.repeat(keep, lengths)
         values, mask, lengths = values[token_keep], mask[token_keep], lengths[keep]
-    images = [img for (_, _, img), k in zip(parsed, keep) if k] if KIND_HAS_IMAGE[s.kind] else None
+    out_images = [img for img, k in zip(images, keep) if k] if KIND_HAS_IMAGE[s.kind] else None
 
-    data = serialize_shard(lengths, values, mask, images)
+    data = serialize_shard(lengths, values, mask, out_images)
     name = shard_name(index)
     atomic_write_bytes(Path(s.output) / name, data)
     real = values[values >= 0]  # the image placeholder id is negative
@@ -143,13 +314,13 @@ def encode_shard(
         "index": index,
         "file": name,
         "rows": int(len(lengths)),
-        "records": len(records),
+        "records": records,
         "skipped": len(problems),
         "tokens": int(len(values)),
         "loss_tokens": int(mask.sum(dtype=np.int64)),
-        "images": 0 if images is None else sum(i is not None for i in images),
+        "images": 0 if out_images is None else sum(i is not None for i in out_images),
         "max_token_id": int(real.max()) if len(real) else -1,
         "bytes": len(data),
         "sha256": sha256_bytes(data),
-        "problems": [f"{where}: {reason}" for _, where, reason in problems[:MAX_LISTED_PROBLEMS]],
+        "problems": [f"{at}: {reason}" for _, at, reason in problems[:MAX_LISTED_PROBLEMS]],
     }

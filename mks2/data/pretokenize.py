@@ -19,7 +19,6 @@ whatever the input size.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import shutil
@@ -35,7 +34,7 @@ from mks2.data.chat import TEMPLATES
 from mks2.data.encode import MAX_LISTED_PROBLEMS, EncodeSettings, encode_shard
 from mks2.data.errors import BadRecord, PretokenizeError
 from mks2.data.formats import KINDS, resolve_fields
-from mks2.data.records import iter_records, resolve_inputs
+from mks2.data.records import iter_shard_units, resolve_inputs
 from mks2.data.shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SHARD_TEMPLATE, shard_name
 from mks2.data.tokenizer import Tokenizer, file_sha256, load_tokenizer
 from mks2.fileio import atomic_write_bytes
@@ -158,15 +157,6 @@ def _prepare_output(out: Path, params: dict[str, Any], if_exists: str) -> tuple[
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
-
-
-def _jobs(records: Iterator, per_shard: int, first: int) -> Iterator[tuple[int, list]]:
-    """(shard index, its records) in order, starting at shard ``first`` (earlier records are read and dropped)."""
-    it = itertools.islice(records, first * per_shard, None)
-    index = first
-    while chunk := list(itertools.islice(it, per_shard)):
-        yield index, chunk
-        index += 1
 
 
 class _Progress:
@@ -328,7 +318,7 @@ def pretokenize(
         bar.update(stats)
 
     try:
-        _run_jobs(_jobs(iter_records(files), records_per_shard, first), settings, tok, tokenizer, workers, on_done)
+        _run_jobs(iter_shard_units(files, records_per_shard, first), settings, tok, tokenizer, workers, on_done)
     except BadRecord as exc:
         raise PretokenizeError(
             f"{exc.where}: {exc.reason}\n(--on-error fail: stopped here, no manifest written; fix the record or "

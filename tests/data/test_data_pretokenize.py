@@ -298,6 +298,10 @@ BAD_LINES = {
     "empty": (json.dumps({"image": "a.png", "caption": "  "}).encode(), "field 'caption' is empty"),
     "not_object": (b"[1, 2]", "expected a JSON object"),
     "over_long": (json.dumps({"image": "a.png", "caption": "red " * 200}).encode(), "over-long record"),
+    # lines Arrow's JSON reader (the fast path) would accept but json.loads refuses
+    "utf8_in_other_field": (b'{"image": "a.png", "caption": "fine", "x": "\xff"}', "invalid UTF-8 at byte 44"),
+    "byte_order_mark": (b'\xef\xbb\xbf{"image": "a.png", "caption": "x"}', "malformed JSON (Unexpected UTF-8 BOM"),
+    "two_objects": (b'{"image": "a.png", "caption": "x"} {"image": "b.png", "caption": "y"}', "Extra data"),
 }
 
 
@@ -315,6 +319,33 @@ def test_bad_record_fail_and_skip(tmp_path, sp_model, case):
     assert m["counts"]["records_written"] == 3 and m["counts"]["records_skipped"] == 1
     assert len(m["skipped_examples"]) == 1 and m["skipped_examples"][0].startswith(f"{src}:3: ")
     assert reason in m["skipped_examples"][0]
+
+
+def test_clean_jsonl_blocks_skip_the_per_record_path(tmp_path, sp_model, monkeypatch):
+    """Caption and text records of a clean JSONL block are parsed by Arrow and encoded in one batch; a
+    block with one bad record goes record by record and gives the same rows for its good records."""
+    import mks2.data.encode as enc
+
+    recs = caption_records(40, seed=5)
+    src = write_jsonl(tmp_path / "c.jsonl", recs)
+    ref = _run([src], tmp_path / "ref", sp_model, records_per_shard=16)
+
+    def per_record(*args):
+        raise AssertionError("the per-record path ran for a clean block")
+
+    monkeypatch.setattr(enc, "_parse_record", per_record)
+    fast = _run([src], tmp_path / "fast", sp_model, records_per_shard=16)
+    assert _shard_bytes(tmp_path / "fast") == _shard_bytes(tmp_path / "ref") and fast["shards"] == ref["shards"]
+    texts = write_jsonl(tmp_path / "t.jsonl", text_records(30))
+    _run([texts], tmp_path / "text", sp_model, fmt="text")
+    monkeypatch.undo()
+
+    lines = [json.dumps(r) for r in recs[:16]] + ["{broken"] + [json.dumps(r) for r in recs[16:]]
+    mixed = _run([write_jsonl(tmp_path / "m.jsonl", lines)], tmp_path / "mixed", sp_model, on_error="skip")
+    assert mixed["counts"]["records_skipped"] == 1 and mixed["skipped_examples"][0].startswith(
+        f"{tmp_path}/m.jsonl:17:"
+    )
+    assert _rows(tmp_path / "mixed") == _rows(tmp_path / "ref")
 
 
 def test_bad_csv_and_parquet_rows_name_their_location(tmp_path, sp_model):
