@@ -108,7 +108,7 @@ class Collator:
 
     def _retrieval_row(self, row: Sequence[dict[str, Any]], out: dict[str, np.ndarray], b: int) -> None:
         if len(row) != 1 or row[0].get("pixel_values") is None:
-            raise ValueError("the retrieval view needs exactly one captioned image per row (no packing in stage 1)")
+            raise ValueError("the retrieval view needs exactly one captioned image per row (the padded stage-1 layout)")
         ids = np.asarray(row[0]["input_ids"])
         text = ids[ids != self.image_token_id].astype(np.int64)
         if len(text) > self.ret_len:

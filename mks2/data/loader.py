@@ -7,8 +7,10 @@ Signature::
         -> MKS2DataLoader
 
 - ``rank``/``world_size``: the DATA-PARALLEL rank and size (pipeline stages of one replica share a rank).
-- ``stage``: ``cfg.model.stage`` by default. ``mvm`` (stage 1) needs caption datasets, no packing, and
-  adds the retrieval view; other stages take any kind.
+- ``stage``: ``cfg.model.stage`` by default. ``mvm`` (stage 1) needs caption datasets and adds the
+  retrieval view: with ``data.packing`` as token-budget micro-batches of (caption, retrieval) pairs
+  (``mks2.data.stage1_packing``; ``grad_accumulation_steps`` fixes the micro-batches per step), else one
+  padded caption row and retrieval row per caption; other stages take any kind.
 - ``image_processor``: a transformers image processor (the vision checkpoint's); required when a
   dataset holds images. ``num_prefix_tokens``: P, from ``mks2.model.vision.vision_prefix_length``.
 - Resuming: ``state`` (a previous ``loader.state_dict()``) continues exactly; without it
