@@ -191,10 +191,17 @@ def flops_model(model: nn.Module, *, recompute: bool) -> FlopsModel:
 def describe(fm: FlopsModel) -> str:
     """One line for the start-up summary."""
     return (
-        f"FLOPs per real token: decoder {fm.decoder_per_token / 1e9:.3g} G, LM head {fm.lm_head_per_token / 1e9:.3g} G"
-        f"; per attention pair {fm.attention_per_pair / 1e3:.3g} k; recompute {'counted' if fm.recompute else 'off'}"
-        "; vision towers excluded"
+        f"FLOPs per real token: decoder {_human(fm.decoder_per_token)}, LM head {_human(fm.lm_head_per_token)}; "
+        f"per causal attention pair {_human(fm.attention_per_pair)}; recompute "
+        f"{'counted' if fm.recompute else 'off'}; frozen vision towers excluded"
     )
+
+
+def _human(x: float) -> str:
+    for scale, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if x >= scale:
+            return f"{x / scale:.3g} {unit}"
+    return f"{x:.3g}"
 
 
 def matmul_modules(model: nn.Module) -> list[tuple[str, Any]]:
