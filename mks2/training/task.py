@@ -15,7 +15,8 @@ else (engine, loop, checkpoints, resume, faults, logging) is shared and lives in
   for ``deepspeed.pipe`` and the (first-stage inputs, last-stage labels) tuples that feed it;
 - ``evaluate``: held-out metrics;
 - ``counts`` (from ``count_samples``, ``count_tokens``, ``count_positions``, ``count_head_tokens``,
-  ``count_image_tokens``, ``segment_lengths``): what one loader batch makes the model compute, for the
+  ``count_image_tokens``, ``count_retrieval_tokens``, ``segment_lengths``): what one loader batch makes
+  the model compute, for the
   step's ``samples`` / ``tokens`` / ``positions`` / ``padding_fraction`` / ``flops`` / ``mfu``
   (definitions: :class:`BatchCounts`). A stage (or a batch layout) overrides the small methods.
 
