@@ -33,7 +33,9 @@ Modules (each one job; the package imports config and model, never training or e
   ``check_checkpoint_files``, the engine's ``install_safe_checkpoint_engine``);
 - ``tensors``: ``TensorSpec`` (shape + dtype), the ``TensorSource`` interface, ``ModuleSource``;
 - ``zero_reader`` / ``pipeline_reader``: tensor-by-tensor readers of DeepSpeed's files per mode;
-- ``consolidated``: ``open_consolidated`` / ``load_consolidated`` (either mode, under our names).
+- ``consolidated``: ``open_consolidated`` / ``load_consolidated`` (either mode, under our names);
+- ``optim_shards`` / ``reshard``: a ZeRO checkpoint's optimizer shards as whole tensors, and
+  ``load_resharded`` (a resume on another data-parallel size, either mode).
 """
 
 from mks2.checkpoint.consolidated import (
@@ -56,7 +58,9 @@ from mks2.checkpoint.layout import (
     tag_for,
 )
 from mks2.checkpoint.metadata import TrainingCheckpoint, read_meta, write_meta
-from mks2.checkpoint.rank_state import load_rank_state, save_rank_state, set_rng_state
+from mks2.checkpoint.optim_shards import OptimizerShards
+from mks2.checkpoint.rank_state import load_rank_state, save_rank_state, seed_rng, set_rng_state
+from mks2.checkpoint.reshard import load_resharded
 from mks2.checkpoint.run_lock import SaveDirBusyError, SaveDirLock
 from mks2.checkpoint.safe_load import (
     UnsafeCheckpointError,
@@ -78,6 +82,7 @@ __all__ = [
     "CheckpointWriteError",
     "ConsolidatedCheckpoint",
     "ModuleSource",
+    "OptimizerShards",
     "PipelineLayoutError",
     "TensorSource",
     "TensorSpec",
@@ -94,6 +99,7 @@ __all__ = [
     "list_checkpoints",
     "load_consolidated",
     "load_rank_state",
+    "load_resharded",
     "mark_complete",
     "open_consolidated",
     "prune",
@@ -103,6 +109,7 @@ __all__ = [
     "read_meta",
     "resume_changes",
     "save_rank_state",
+    "seed_rng",
     "set_rng_state",
     "shape_changes",
     "tag_for",

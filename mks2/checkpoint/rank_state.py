@@ -52,6 +52,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def seed_rng(seed: int, step: int, rank: int) -> None:
+    """Seed python, numpy and torch (every device) from ``(seed, step, rank)``: the random streams of a
+    resume on another data-parallel size, where the saved per-rank streams no longer match the ranks."""
+    mixed = int(np.random.SeedSequence([int(seed), int(step), int(rank)]).generate_state(1)[0])
+    random.seed(mixed)
+    np.random.seed(mixed)
+    torch.manual_seed(mixed)  # CPU and every CUDA device
+
+
 def save_rank_state(ckpt: Path, rank: int, loader_state: Any) -> None:
     """Write this rank's RNG states and ``loader_state`` into checkpoint directory ``ckpt``."""
     atomic_torch_save({"rng": rng_state(), "loader": loader_state}, rank_file(ckpt, rank))

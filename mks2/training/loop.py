@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from mks2 import checkpoint as ckpt
-from mks2.config import ConfigError, ParallelMode, RunConfig, to_dict
+from mks2.config import ConfigError, Offload, ParallelMode, RunConfig, to_dict
 from mks2.model import apply_config_from_hf
 from mks2.training import distributed, faults
 from mks2.training.batch import check_world_size, data_parallel_size, pipeline_stages, resolve_global_batch
@@ -99,6 +99,10 @@ class Trainer:
             return
         path = self.save_dir / tag
         trainer_state, _ = ckpt.read_meta(path)
+        saved_dp = trainer_state.get("run", {}).get("data_parallel_size", self.te.dp_size)
+        if saved_dp != self.te.dp_size:
+            self._resume_resharded(tag, trainer_state, int(saved_dp))
+            return
         with ckpt.safe_torch_load():  # DeepSpeed readers that bypass its checkpoint engine, too
             load_path, _ = self.engine.load_checkpoint(
                 str(self.save_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
@@ -112,6 +116,41 @@ class Trainer:
         ckpt.set_rng_state(rank_state["rng"])  # last: nothing after this may draw random numbers
         if self.rank == 0:
             log.info("resumed from %s (step %d)", path, self.state.step)
+
+    def _resume_resharded(self, tag: str, trainer_state: dict[str, Any], saved_dp: int) -> None:
+        """Restore checkpoint ``tag`` written at data-parallel size ``saved_dp`` != this run's.
+
+        - Optimizer state (fp32 masters, Adam moments and step, group hyper-parameters, loss scaler) is
+          re-partitioned by ``ckpt.load_resharded``; in pipeline mode DeepSpeed's loader first reads the
+          layer files, the LR scheduler and its counters (none of them depend on the data-parallel size).
+        - Data: the sampler state is global (the same in every rank's file), so rank 0's continues the
+          sample stream at the next unconsumed row, dealt over the new ranks; a step still takes
+          ``train.global_batch_size`` rows (gradient accumulation follows the new size), so no sample is
+          repeated or skipped.
+        - Random streams: the saved ones belong to the old ranks; each rank is seeded from (train.seed,
+          step, rank) instead, so the run stays reproducible from here but is not bit-identical to an
+          uninterrupted one (dropout masks differ)."""
+        path = self.save_dir / tag
+        with ckpt.safe_torch_load():  # DeepSpeed readers that bypass its checkpoint engine, too
+            if self.te.mode == ParallelMode.PIPELINE:
+                load_path, _ = self.engine.load_checkpoint(
+                    str(self.save_dir), tag=tag, load_optimizer_states=False, load_lr_scheduler_states=True
+                )
+                if load_path is None:
+                    raise ckpt.CheckpointError(f"DeepSpeed could not load {path}")
+            ckpt.load_resharded(self.engine, path, mp_rank=self.te.pp_stage)
+        self.state = TrainState(**trainer_state["loop"])
+        self.last_saved = tag
+        loader_state = ckpt.load_rank_state(path, 0)["loader"]  # rank 0 always reads data (stage 0)
+        self._start_data(loader_state)
+        ckpt.seed_rng(self.cfg.train.seed, self.state.step, self.rank)  # last, as in resume()
+        if self.rank == 0:
+            log.warning(
+                "resumed from %s (step %d) on another data-parallel size: checkpoint %d, now %d (world size "
+                "%s -> %d); optimizer state re-partitioned, the sample stream continues at row %s",
+                path, self.state.step, saved_dp, self.te.dp_size, trainer_state.get("run", {}).get("world_size", "?"),
+                distributed.world_size(), (loader_state or {}).get("consumed_rows", "?"),
+            )  # fmt: skip
 
     # ---- one optimizer step -------------------------------------------------------------------
 
@@ -402,9 +441,35 @@ def claim_save_dir(cfg: RunConfig) -> ckpt.SaveDirLock | None:
     return held[0] if held else None
 
 
+def layout_changes(saved: dict[str, Any], now: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """Why checkpoint layout ``saved`` cannot be continued with layout ``now`` (empty: it can). Another
+    data-parallel size is fine (the optimizer state is re-partitioned on load); another parallel mode or
+    number of pipeline stages is not: each stage's files hold that stage's layers and optimizer slice."""
+    out = []
+    if saved.get("mode") != now["mode"]:
+        out.append(
+            f"parallel.mode: checkpoint {saved.get('mode')!r}, now {now['mode']!r} (set parallel.mode="
+            f"{saved.get('mode')}, or convert the checkpoint with tools/convert_to_hf.py and start from it)"
+        )
+    elif saved.get("pipeline_stages") != now["pipeline_stages"]:
+        stages = saved.get("pipeline_stages")
+        out.append(
+            f"parallel.pipeline_stages: checkpoint {stages}, now {now['pipeline_stages']} (a pipeline checkpoint "
+            f"resumes only with the same number of stages: set parallel.pipeline_stages={stages} and use a "
+            f"multiple of {stages} ranks)"
+        )
+    if saved.get("data_parallel_size") != now["data_parallel_size"] and cfg.parallel.offload == Offload.NVME:
+        out.append(
+            f"data_parallel_size: checkpoint {saved.get('data_parallel_size')}, now {now['data_parallel_size']} "
+            "(with parallel.offload=nvme a resume needs the checkpoint's data-parallel size)"
+        )
+    return out
+
+
 def plan_resume(cfg: RunConfig, world_size: int) -> str | None:
     """Resolve ``train.resume`` to a checkpoint tag (None: fresh start) and check that this run can
-    continue it -- same model shape, parallel mode and layout -- BEFORE any engine is built. Rank 0
+    continue it -- same model shape, parallel mode and pipeline stages (any data-parallel size) -- BEFORE
+    any engine is built. Rank 0
     decides, every rank gets the same answer (or the same CheckpointError)."""
 
     def decide() -> str | None:
@@ -415,14 +480,7 @@ def plan_resume(cfg: RunConfig, world_size: int) -> str | None:
         trainer_state, saved_cfg = ckpt.read_meta(found.path)
         problems = ckpt.resume_changes(saved_cfg, resolved_config(cfg))
         saved_run, now = trainer_state.get("run", {}), run_layout(cfg, world_size)
-        problems += [
-            f"{k}: checkpoint {saved_run.get(k)!r}, now {v!r}" for k, v in now.items() if saved_run.get(k) != v
-        ]
-        if saved_run.get("data_parallel_size") != now["data_parallel_size"]:
-            problems.append(
-                "a resume with another data-parallel size is not supported yet: restart with "
-                f"{saved_run.get('world_size', '?')} ranks, as the checkpoint was written"
-            )
+        problems += layout_changes(saved_run, now, cfg)
         if problems:
             raise ckpt.CheckpointError(
                 f"{found.path} cannot be resumed by this run; these settings differ:\n  - "

@@ -1,0 +1,124 @@
+"""Resume a ZeRO checkpoint on another data-parallel size: put its optimizer state into a built engine.
+
+DeepSpeed 0.19.8 refuses ``load_checkpoint`` when the data-parallel size changed (``ZeRORuntimeException``
+in ``_load_zero_checkpoint``; ``elastic_checkpoint`` is gone for ZeRO-3). Its answer, the universal
+checkpoint, was not used, on purpose:
+
+- ``ds_to_universal`` is an offline conversion that writes a second copy of the checkpoint (one directory
+  and one ``.pt`` per parameter and state key) through worker pools that unpickle with
+  ``weights_only=False``; the universal loaders are switched on by a config flag fixed when the engine is
+  built (``checkpoint.load_universal``) and read every file with ``weights_only=False`` again;
+- its ZeRO-3 loader copies the first param group's hyper-parameters onto every group
+  (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``), which loses our no-weight-decay group.
+
+Our trainable state is small (MVM experts, LoRA, routers, the mapping), so re-sharding it in place is
+simple and exact: for each trainable parameter of the NEW engine, the whole fp32 master weight and each
+partitioned optimizer state (``exp_avg``, ``exp_avg_sq``) are assembled from the old ranks' shards
+(:class:`OptimizerShards`, weights-only, memory-mapped) and handed to DeepSpeed's public setters
+(``safe_set_full_fp32_param`` / ``safe_set_full_optimizer_state``), which keep this rank's slice of the new
+partitioning. Per-group values (``step``, lr and the other hyper-parameters) are copied from the saved
+group that holds the same parameters, and the loss scaler from rank 0's file. Frozen tensors are not in
+the optimizer: in ZeRO-3 mode they come from the model build (``model.init_from`` /
+``model.init_from_stage1``), exactly as in DeepSpeed's own same-size resume, which restores none of them;
+in pipeline mode DeepSpeed's loader reads every layer file (they do not depend on the data-parallel size).
+
+Cost per rank: every trainable tensor is read whole (x3 for Adam) from the shared filesystem, one tensor
+at a time in memory; no collective except ZeRO-3's re-gather of its persistent (small) parameters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mks2.checkpoint.errors import CheckpointError
+from mks2.checkpoint.optim_shards import FP32, OptimizerShards
+
+
+def _flat_groups(opt: Any) -> list[tuple[list[torch.nn.Parameter], torch.Tensor, dict[str, Any]]]:
+    """(model parameters, this rank's fp32 master partition of them [partition numel], torch param group
+    that steps it) for each flat buffer of DeepSpeed's ZeRO optimizer ``opt``. ZeRO-3 keeps one torch param
+    group per model param group and steps its sub-groups' buffers through it one at a time."""
+    if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        torch_groups = [opt.optimizer.param_groups[opt.sub_group_to_group_id[i]] for i in range(len(opt.fp16_groups))]
+        return list(zip(opt.fp16_groups, opt.fp32_partitioned_groups_flat, torch_groups))
+    if hasattr(opt, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+        return list(zip(opt.bit16_groups, opt.single_partition_of_fp32_groups, opt.optimizer.param_groups))
+    if hasattr(opt, "fp32_groups_flat_partition"):  # bf16 optimizer (bf16 with ZeRO-1)
+        return list(zip(opt.bf16_groups, opt.fp32_groups_flat_partition, opt.optimizer.param_groups))
+    raise CheckpointError(
+        f"a resume with another data-parallel size is not supported with DeepSpeed optimizer {type(opt).__name__}"
+    )
+
+
+def _zero3_partitions_from_fp32(opt: Any) -> None:
+    """ZeRO-3: copy the fp32 master partitions into the model's (bf16/fp16/fp32) parameter partitions."""
+    for sub_group in range(len(opt.fp16_groups)):
+        if opt.fp16_partitioned_groups_flat[sub_group] is None:
+            raise CheckpointError("a resume with another data-parallel size does not support parallel.offload=nvme")
+        opt._reassign_or_swap_out_partitioned_parameters(sub_group)
+
+
+def load_resharded(engine: Any, ckpt_dir: str | Path, *, mp_rank: int = 0) -> int:
+    """Load the optimizer state (and, in ZeRO-3 mode, the LR scheduler and the engine's counters) of
+    checkpoint ``ckpt_dir`` into the built DeepSpeed ``engine``, whatever data-parallel size wrote it.
+    ``mp_rank``: this rank's pipeline stage (0 in zero3 mode). In pipeline mode the caller has loaded the
+    module and the scheduler with ``engine.load_checkpoint(..., load_optimizer_states=False)`` first.
+    Returns the number of parameters restored."""
+    src = OptimizerShards(ckpt_dir, mp_rank)
+    opt = engine.optimizer
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    flats = _flat_groups(opt)
+    now = [names[id(p)] for params, _, _ in flats for p in params]
+    missing, extra = sorted(set(src.names) - set(now)), sorted(set(now) - set(src.names))
+    if missing or extra:
+        raise CheckpointError(
+            f"{ckpt_dir}: the checkpoint's trainable tensors differ from this run's (only in the checkpoint: "
+            f"{missing[:3]}, only in this run: {extra[:3]})"
+        )
+    zero3 = src.zero3
+    if zero3:
+        opt.checkpoint_event_prologue()  # partition every parameter (what engine.load_checkpoint does first)
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    for params, flat, group in flats:
+        if not params:
+            continue
+        saved = src.group_of(names[id(params[0])])
+        keys = src.partitioned_keys(saved)
+        state = opt.optimizer.state[flat]  # empty before the first step: created here
+        for key in keys:
+            state[key] = torch.zeros_like(flat)
+        for key, value in src.scalar_state(saved).items():
+            state[key] = value.clone() if torch.is_tensor(value) else value
+        group.update(src.param_group(saved))
+        for p in params:
+            name = names[id(p)]
+            if src.group_of(name) != saved:
+                raise CheckpointError(f"{ckpt_dir}: parameter {name} is in another optimizer group than in this run")
+            numel = int(getattr(p, "ds_numel", p.numel()))
+            if src.numel(name) != numel:
+                raise CheckpointError(f"{ckpt_dir}: {name} has {src.numel(name)} elements, this run's {numel}")
+            if not zero3 and p._hp_mapping is not None:  # ZeRO-1/2: point the fragment views at the new state
+                p._hp_mapping.set_optim_state_fragment(flat, state)
+            safe_set_full_fp32_param(p, src.full(name, FP32))
+            for key in keys:
+                safe_set_full_optimizer_state(p, src.full(name, key), key)
+    for key, value in src.scaler_state().items():
+        setattr(opt, key, value)
+    if zero3:
+        _zero3_partitions_from_fp32(opt)
+        opt.checkpoint_event_epilogue()  # re-gathers the persistent parameters from their new partitions
+        _restore_engine_counters(engine, src.model_states)
+    return len(now)
+
+
+def _restore_engine_counters(engine: Any, model_states: dict[str, Any]) -> None:
+    """What DeepSpeed's own loader restores from the model-state file besides tensors (ZeRO-3 mode)."""
+    if engine.lr_scheduler is not None and model_states.get("lr_scheduler") is not None:
+        engine.lr_scheduler.load_state_dict(model_states["lr_scheduler"])
+    engine.global_steps = int(model_states["global_steps"])
+    engine.global_samples = int(model_states.get("global_samples", engine.global_steps * engine.train_batch_size()))
+    engine.skipped_steps = int(model_states["skipped_steps"])
