@@ -171,9 +171,10 @@ def _fast_fixed_block(s: EncodeSettings, block: LineBlock) -> tuple[list[str], l
         if got is None:
             return None
         images, captions = got
-        texts = [c.strip() for c in captions]
-        if not all(texts) or not all(i and not i.isspace() for i in images):
-            return None  # an empty field: get_str's "is empty"
+        texts = list(map(str.strip, captions))
+        # an empty field (get_str's "is empty"); str.isspace tests the set str.strip() removes
+        if not all(texts) or not all(images) or any(map(str.isspace, images)):
+            return None
         if s.image_root:
             images = [normalize_image_path(i, s.image_root) for i in images]
         return texts, images
@@ -181,7 +182,7 @@ def _fast_fixed_block(s: EncodeSettings, block: LineBlock) -> tuple[list[str], l
     if got is None:
         return None
     texts = got[0]
-    if not all(t and not t.isspace() for t in texts):  # str.isspace: the set str.strip() removes
+    if not all(texts) or any(map(str.isspace, texts)):
         return None
     return texts, None
 
@@ -234,7 +235,8 @@ def encode_shard(
     s = settings
     fixed = s.kind in FIXED_KINDS
     problems: list[tuple[int, str, str]] = []  # (position in shard, where, reason)
-    positions: list[int] = []  # position in shard of each parsed record
+    # position in shard of each parsed record: int64 arrays for blocks, lists for single records
+    positions: list[Any] = []
     texts: list[str] = []  # fixed kinds: the text span of each parsed record
     pieces_list: list[list[Piece]] = []  # other kinds: the pieces of each parsed record
     images: list[str | None] = []
@@ -258,13 +260,16 @@ def encode_shard(
                             break
                 block_texts = [block_texts[k] for k in good]
                 block_images = [block_images[k] for k in good]
-                positions += [pos + k for k in good]
+                positions.append([pos + k for k in good])
             else:
-                positions += range(pos, pos + len(block_texts))
+                positions.append(np.arange(pos, pos + len(block_texts), dtype=np.int64))
             texts += block_texts
-            images += block_images if block_images is not None else [None] * len(block_texts)
+            if block_images is not None:  # caption; the text kind has no image column
+                images += block_images
             pos += unit.records
         else:
+            singles: list[int] = []
+            positions.append(singles)
             for fi, number, payload in _unit_records(unit):
                 try:
                     pieces, image = _parse_record(s, payload)
@@ -274,7 +279,7 @@ def encode_shard(
                         stop = True  # nothing after the first bad record matters
                         break
                 else:
-                    positions.append(pos)
+                    singles.append(pos)
                     if fixed:
                         texts.append(next(p.text for p in pieces if p.kind == "text"))
                     else:
@@ -291,11 +296,15 @@ def encode_shard(
         )
     else:
         lengths, values, mask = encode_many(tokenizer, pieces_list, image_token_id=s.image_token_id)
-    keep = np.ones(len(positions), dtype=bool)
+    position = (
+        np.concatenate([np.asarray(p, dtype=np.int64) for p in positions]) if positions else np.zeros(0, np.int64)
+    )
+    keep = np.ones(len(position), dtype=bool)
     if s.max_tokens is not None:
         for k in np.flatnonzero(lengths > s.max_tokens):
             reason = f"over-long record: {int(lengths[k])} tokens > --max-tokens {s.max_tokens}"
-            problems.append((positions[k], where(positions[k]), reason))
+            at_pos = int(position[k])
+            problems.append((at_pos, where(at_pos), reason))
             keep[k] = False
     problems.sort()
     if problems and s.on_error == "fail":
@@ -304,7 +313,10 @@ def encode_shard(
     if not keep.all():
         token_keep = np.repeat(keep, lengths)
         values, mask, lengths = values[token_keep], mask[token_keep], lengths[keep]
-    out_images = [img for img, k in zip(images, keep) if k] if KIND_HAS_IMAGE[s.kind] else None
+    if not KIND_HAS_IMAGE[s.kind]:
+        out_images = None
+    else:
+        out_images = images if keep.all() else [img for img, k in zip(images, keep) if k]
 
     data = serialize_shard(lengths, values, mask, out_images)
     name = shard_name(index)

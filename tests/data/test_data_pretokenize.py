@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import subprocess
 import sys
@@ -319,6 +320,42 @@ def test_bad_record_fail_and_skip(tmp_path, sp_model, case):
     assert m["counts"]["records_written"] == 3 and m["counts"]["records_skipped"] == 1
     assert len(m["skipped_examples"]) == 1 and m["skipped_examples"][0].startswith(f"{src}:3: ")
     assert reason in m["skipped_examples"][0]
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_line_blocks_hold_exactly_the_records_of_the_file(tmp_path, gz, monkeypatch):
+    """The parent's chunked JSONL reader hands out the same (line number, line) records as reading
+    the file line by line, cut after exactly ``n`` records, whatever the chunk size."""
+    import random
+
+    from mks2.data.records import LineReader, _iter_jsonl, resolve_inputs
+
+    rng = random.Random(0)
+    pool = [
+        b"",
+        b"  ",
+        b"\t\r",
+        b"\x0b",
+        b'{"a": 1}',
+        b'{"a": "x y z"}\r',
+        b"{broken",
+        b'{"long": "' + b"w" * 300 + b'"}',
+    ]
+    lines = [rng.choice(pool) for _ in range(400)]
+    data = b"\n".join(lines) + b'\n{"last": "no newline"}'
+    path = tmp_path / ("in.jsonl.gz" if gz else "in.jsonl")
+    path.write_bytes(gzip.compress(data) if gz else data)
+    (f,) = resolve_inputs([str(path)])
+    expected = list(_iter_jsonl(f))
+    monkeypatch.setattr(LineReader, "MIN_CHUNK", 64)  # many chunk boundaries inside the requests
+    for n in (1, 2, 7, 50, 10_000):
+        reader, got, sizes = LineReader(f, 0), [], []
+        while block := reader.take(n):
+            got += list(block.lines())
+            sizes.append(block.records)
+        reader.close()
+        assert got == expected, n
+        assert all(k == n for k in sizes[:-1]) and 0 < sizes[-1] <= n and sum(sizes) == len(expected)
 
 
 def test_clean_jsonl_blocks_skip_the_per_record_path(tmp_path, sp_model, monkeypatch):
