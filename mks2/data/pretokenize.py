@@ -12,9 +12,11 @@
   re-run with ``if_exists="resume"`` uses to continue at the first missing shard. Removed at the end.
 
 Workers: ``workers == 1`` encodes in this process; more start that many processes (spawn), each
-loading the tokenizer once. The parent reads the input (raw lines for JSONL: decoding and parsing
-happen in the workers) and keeps at most ``2 * workers`` shards in flight, so memory stays bounded
-whatever the input size.
+loading the tokenizer once. The parent reads the input and keeps at most ``2 * workers`` shards in
+flight, so memory stays bounded whatever the input size. JSONL travels as ``LineBlock``s (a shard's
+lines in one bytes object, counted with C-level calls); decoding, parsing (Arrow's JSON reader for
+caption/text blocks, ``json.loads`` per record otherwise), encoding (one tokenizer call per shard)
+and Arrow building happen in the workers, per batch of records rather than per record.
 """
 
 from __future__ import annotations
