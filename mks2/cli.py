@@ -6,6 +6,7 @@
     mks2 chat hf/demo
     mks2 plot runs/demo_stage1 -o curves.png
     mks2 demo                       # build the demo world and list its paths
+    mks2 gpu-smoke                  # NCCL, llama parity, attention, MoME op, two short runs on this node
     mks2 COMMAND --help             # the command's own options
 
 Each command runs the ``main`` of the script in ``tools/`` (installed with the package as ``mks2._tools``;
@@ -29,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("mks2._tools.chat", "interactive chat with an exported model (tools/chat.py)"),
     "plot": ("mks2._tools.plot_metrics", "training curves of runs' metrics.jsonl -> PNG (tools/plot_metrics.py)"),
     "demo": ("mks2.demo.__main__", "build the embedded demo world and print its paths (python -m mks2.demo)"),
+    "gpu-smoke": ("mks2._tools.gpu_smoke", "check one GPU node before a large job (tools/gpu_smoke.py)"),
 }
 
 

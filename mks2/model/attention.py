@@ -24,6 +24,7 @@ transformers' ``Cache`` interface (``update(k, v, layer_idx)``, ``get_seq_length
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -35,6 +36,7 @@ from mks2.model.layers import Linear, LoRASpec
 from mks2.model.rope import RotaryEmbedding, apply_rotary
 
 BACKENDS = ("auto", "flash", "sdpa", "eager")
+log = logging.getLogger("mks2.model")
 
 
 @functools.cache
@@ -56,8 +58,26 @@ def flash_available() -> bool:
 
 
 def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Pick the concrete kernel for ``model.attention`` (auto -> flash on CUDA fp16/bf16 if importable)."""
-    requested = getattr(requested, "value", requested)
+    """Pick the concrete kernel for ``model.attention`` (auto -> flash on CUDA fp16/bf16 if importable).
+    The first time a choice is made in a process it is logged (``mks2.model``): which kernel and why."""
+    kind = _resolve_backend(getattr(requested, "value", requested), device, dtype)
+    _log_backend_once(getattr(requested, "value", requested), kind, device.type, str(dtype).replace("torch.", ""))
+    return kind
+
+
+@functools.cache
+def _log_backend_once(requested: str, kind: str, device: str, dtype: str) -> None:
+    if kind == "flash":
+        what = "flash-attn (flash_attn_func; flash_attn_varlen_func for padded or packed rows)"
+    elif kind == "sdpa" and requested == "auto":
+        why = "flash-attn not importable" if device == "cuda" and not flash_available() else f"{device} {dtype}"
+        what = f"PyTorch SDPA (fallback: {why})"
+    else:
+        what = {"sdpa": "PyTorch SDPA", "eager": "eager softmax(QK^T)V (debugging; slow)"}[kind]
+    log.info("attention backend: %s [model.attention=%s, %s %s]", what, requested, device, dtype)
+
+
+def _resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
     if requested not in BACKENDS:
         raise ValueError(f"model.attention: unknown backend {requested!r} (allowed: {', '.join(BACKENDS)})")
     flash_ok = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
@@ -162,6 +182,73 @@ def build_attention_context(
     else:
         ctx.mask = segment_mask(segment_ids)
     return ctx
+
+
+def _tensor_key(t: torch.Tensor | None) -> tuple | None:
+    """What identifies ``t``'s elements as they are now: the tensor itself (held, so its storage cannot be
+    freed and reused by another tensor while a cache entry lives) and its version counter at this moment
+    (an in-place change bumps it; ``detach()`` copies, as activation checkpointing makes, share it)."""
+    return None if t is None else (t, t._version)
+
+
+def _same_tensor(key: tuple | None, b: torch.Tensor | None) -> bool:
+    """Whether ``b`` is the tensor of ``key`` or a view of the very same elements, unmodified since."""
+    if key is None or b is None:
+        return key is None and b is None
+    a, version = key
+    return (
+        a.device == b.device
+        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        and a.storage_offset() == b.storage_offset()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and b._version == version
+    )
+
+
+class _ContextCache:
+    """The last attention context built by layers that get no context from their caller (pipeline-parallel
+    decoder layers receive only tensors): every layer of a stage sees the same position/segment ids in a
+    micro-batch, so the rope tables, the mask or flash's unpadding plan and their host syncs are built once
+    per micro-batch instead of once per layer. One entry: a new micro-batch replaces it."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.ctx: AttentionContext | None = None
+        self.builds = 0  # contexts built (the tests count them)
+
+    def get(self, position_ids, segment_ids, rotary, dtype, backend) -> AttentionContext:
+        key = self.key
+        if (
+            key is not None
+            and key[2] is rotary
+            and key[3] == (dtype, backend)
+            and _same_tensor(key[0], position_ids)
+            and _same_tensor(key[1], segment_ids)
+        ):
+            return self.ctx  # type: ignore[return-value]
+        ctx = build_attention_context(
+            position_ids=position_ids, segment_ids=segment_ids, rotary=rotary, dtype=dtype, backend=backend
+        )
+        self.key, self.ctx = (_tensor_key(position_ids), _tensor_key(segment_ids), rotary, (dtype, backend)), ctx
+        self.builds += 1
+        return ctx
+
+
+CONTEXT_CACHE = _ContextCache()
+
+
+def cached_attention_context(
+    *,
+    position_ids: torch.Tensor,
+    segment_ids: torch.Tensor | None,
+    rotary: RotaryEmbedding,
+    dtype: torch.dtype,
+    backend: str = "auto",
+) -> AttentionContext:
+    """``build_attention_context`` for the same ids as the previous call (same elements, unmodified)
+    returns the previous context: once per micro-batch for all the layers of a pipeline stage."""
+    return CONTEXT_CACHE.get(position_ids, segment_ids, rotary, dtype, getattr(backend, "value", backend))
 
 
 def cached_mask(key_mask: torch.Tensor, past: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from mks2.config.schema import ModelConfig, MVMPlacement, Stage, mvm_layers_problem
-from mks2.model.attention import Attention, AttentionContext, build_attention_context
+from mks2.model.attention import Attention, AttentionContext, cached_attention_context
 from mks2.model.dtypes import torch_dtype
 from mks2.model.layers import LoRASpec, RMSNorm, SwiGLU
 from mks2.model.mome import MoMERouter
@@ -129,7 +129,9 @@ class DecoderLayer(nn.Module):
                 )
 
     def attention_context(self, hidden: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor | None):
-        return build_attention_context(
+        """The context for a caller that passes none (pipeline layers): built once per micro-batch and shared
+        by the following layers that get the same ids (``cached_attention_context``)."""
+        return cached_attention_context(
             position_ids=position_ids,
             segment_ids=segment_ids,
             rotary=self.self_attn.rotary_emb,
