@@ -5,12 +5,19 @@
 - ``zero3``: the model is built under ``deepspeed.zero.Init`` (parameters partitioned as each module
   is constructed; HF weights streamed in through ``GatheredParameters``), wrapped in the stage's
   objective module, and handed to ``deepspeed.initialize`` with only the trainable parameters.
-- ``pipeline``: the full model is built on every rank with the same seed (so initialisation is
-  identical to zero3 mode), split into the stage's LayerSpecs (``task.pipeline``: the layer list and
-  stage split of ``mks2.model.pipeline_layout``), and each rank keeps only its pipeline stage's layers;
-  ZeRO-1 across the data-parallel replicas.
+  Only rank 0 reads the HF weights (the others walk the same gathers reading headers only); the frozen
+  vision towers are read once per rank, into the replicated ``FrozenVision`` built first, and the
+  engine's partitioned copy of them (kept because checkpoints of both modes hold every parameter) is
+  filled from rank 0's replica instead of from the files.
+- ``pipeline``: the model is built stage-local (``build_model(keep=...)``): each rank materialises and
+  reads only its pipeline stage's pieces, the others stay on the meta device; the random init of what it
+  keeps equals a full build's (same seed, the RNG advances as in a full build), so initialisation is
+  identical to zero3 mode. The stage's LayerSpecs (``task.pipeline``: the layer list and stage split of
+  ``mks2.model.pipeline_layout``) then build only this stage's layers; ZeRO-1 across the data-parallel
+  replicas. The vision towers run on the first stage (its own ``vision`` module) and, only when the
+  stage's loss needs the pooled image embedding (``task.vision_on_last_stage``), on the last.
 
-In both modes the frozen vision towers stay OUT of the engine (``FrozenVision``, replicated), and
+In both modes the frozen vision towers run OUT of the engine (``FrozenVision``, replicated), and
 the optimizer (AdamW; ``torch.optim.AdamW`` on CPU so nothing is JIT-compiled) and our own
 warmup + cosine LambdaLR are built by DeepSpeed from the filled-in config (``ds_config.py``).
 """
@@ -27,7 +34,9 @@ from torch import nn
 
 from mks2.checkpoint import install_safe_checkpoint_engine
 from mks2.config import Offload, ParallelMode, RunConfig, to_dict
+from mks2.model import apply_config_from_hf
 from mks2.model.dtypes import torch_dtype
+from mks2.model.pipeline_layout import PipelineLayout
 from mks2.training import distributed
 from mks2.training.batch import data_parallel_size, pipeline_stages
 from mks2.training.ds_config import build_ds_config, zero_stage
@@ -47,7 +56,7 @@ class TrainingEngine:
     engine: Any  # deepspeed DeepSpeedEngine (zero3) or PipelineEngine (pipeline)
     mode: ParallelMode
     device: torch.device
-    vision: FrozenVision
+    vision: FrozenVision | None  # None on pipeline stages that run no tower (see _stage_vision)
     dp_rank: int
     dp_size: int
     dp_group: Any
@@ -166,18 +175,23 @@ def _build_zero3(cfg: RunConfig, task: StageTask, ds_config: dict, dtype: torch.
         return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
     _preimport_for_zero_init()
+    device = _device()
+    reader = distributed.rank() == 0  # the only rank that reads the HF weights (GatheredParameters keeps its values)
+    # The replicated towers first (read once here; fork_rng inside: the model's init is unchanged), so the
+    # engine's partitioned copy is filled from them rather than read a second time.
+    vision = FrozenVision.build(cfg.model, device, dtype)
     # dtype=None: zero.Init then takes it from the config's bf16/fp16 flags (set from train.precision).
     # Passing a dtype explicitly hits an operator-precedence slip in DeepSpeed 0.19 that picks bf16 on CPU.
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_stage(cfg) == 3, dtype=None):
-        model = task.build_model(cfg, weight_gather=gather)
+        model = task.build_model(cfg, weight_gather=gather, read_weights=reader, read_vision_weights=False)
+    if model.vision is not None:
+        _fill_towers(model.vision, vision.front_end, gather, reader)
     model.set_activation_checkpointing(bool(cfg.train.activation_checkpointing))
     summary = parameter_summary(model)
     llm_params, trainable = _count(model)
     flops = flops_model(model, recompute=bool(cfg.train.activation_checkpointing))
     summary += "\n" + describe(flops)
     resolved = to_dict(cfg)  # after build_model: architecture fields read from model.init_from
-    device = _device()
-    vision = FrozenVision.build(cfg.model, device, dtype)
 
     objective = task.objective(model)
     for param in task.external_parameters(model):
@@ -212,6 +226,51 @@ def _build_zero3(cfg: RunConfig, task: StageTask, ds_config: dict, dtype: torch.
     )
 
 
+@torch.no_grad()
+def _fill_towers(front_end: nn.Module, replica: nn.Module, gather: Any, reader: bool) -> None:
+    """Copy the frozen towers of the replicated ``replica`` (a ``FrozenVision``'s front end) into the engine
+    model's ``front_end`` (partitioned under ZeRO-3: rank 0's values are what ``gather`` keeps). Buffers
+    are not partitioned: every rank copies its own replica's."""
+    source = dict(replica.named_parameters()) | dict(replica.named_buffers())
+    for name, param in front_end.named_parameters():
+        if name.startswith("mapping."):
+            continue  # trainable: the model's own (the replica's mapping is an Identity)
+        with gather([param]):
+            if reader:
+                param.data.copy_(source[name].to(device=param.device, dtype=param.dtype))
+    for name, buf in front_end.named_buffers():
+        if name in source:
+            buf.copy_(source[name].to(device=buf.device, dtype=buf.dtype))
+
+
+def _pipeline_stage(stages: int, dp_size: int) -> int:
+    """This rank's pipeline stage, as ``deepspeed.pipe.PipelineModule`` will place it (same topology)."""
+    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+
+    return PipeDataParallelTopology(num_pp=stages, num_dp=dp_size).get_coord(distributed.rank()).pipe
+
+
+def _stage_pieces(layout: PipelineLayout, stage: int, stages: int) -> set[str]:
+    """Module paths (``model.layers.3``, ``vision``...) of the pipeline layers stage ``stage`` holds."""
+    return {path for index in layout.stage_layers(stage, stages) for _, path in layout.layer(index).modules}
+
+
+def _stage_vision(
+    cfg: RunConfig, task: StageTask, model: nn.Module, stage: int, stages: int, device: torch.device,
+    dtype: torch.dtype,
+) -> FrozenVision | None:  # fmt: skip
+    """The frozen towers this pipeline stage runs: the first stage's own (its ``vision`` module, whose
+    trainable mapping is in the engine), on the last stage a replica only when its loss needs the pooled
+    image embedding; None elsewhere (middle stages never see a batch)."""
+    if model.vision is None:
+        return None
+    if stage == 0:
+        return FrozenVision(model.vision, device, dtype)
+    if stage == stages - 1 and task.vision_on_last_stage:
+        return FrozenVision.build(cfg.model, device, dtype)
+    return None
+
+
 def _build_pipeline(
     cfg: RunConfig, task: StageTask, ds_config: dict, dtype: torch.dtype, stages: int
 ) -> TrainingEngine:
@@ -224,14 +283,18 @@ def _build_pipeline(
         from mks2.config import ConfigError
 
         raise ConfigError(["model.tie_word_embeddings=true is not supported with parallel.mode=pipeline"])
-    model = task.build_model(cfg)  # full model on every rank, same seed as zero3 mode
+    if cfg.model.init_from:  # the layout needs the architecture (build_model applies it again: idempotent)
+        apply_config_from_hf(cfg, cfg.model.init_from)
+    stage = _pipeline_stage(stages, data_parallel_size(cfg, distributed.world_size()))
+    keep = _stage_pieces(PipelineLayout(num_layers=cfg.model.num_layers), stage, stages)
+    model = task.build_model(cfg, keep=keep)  # this stage's pieces only; the rest on the meta device
     summary = parameter_summary(model)
-    llm_params, trainable = _count(model)
+    llm_params, trainable = _count(model)  # meta parameters count by shape: the whole model's figures
     flops = flops_model(model, recompute=bool(cfg.train.activation_checkpointing))
     summary += "\n" + describe(flops)
     resolved = to_dict(cfg)
     device = _device()
-    vision = FrozenVision(model.vision, device, dtype)
+    vision = _stage_vision(cfg, task, model, stage, stages, device, dtype)
     spec = task.pipeline(model)
     interval = int(ds_config.get("pipeline", {}).get("activation_checkpoint_interval", 0))
     module = LayoutPipelineModule(  # stage split and checkpointed layers: mks2.model.pipeline_layout

@@ -298,6 +298,7 @@ def packed(batch: dict[str, torch.Tensor]) -> bool:
 class Stage1Task(StageTask):
     stage = Stage.MVM
     metric_names = ("loss_caption", "loss_retrieval", "retrieval_acc", "logit_scale")
+    vision_on_last_stage = True  # the retrieval target (pooled image embedding) is a last-stage label
 
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)

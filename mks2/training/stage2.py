@@ -185,10 +185,11 @@ class Stage2Task(StageTask):
 
     # ---- model ----------------------------------------------------------------------------------
 
-    def build_model(self, cfg: RunConfig, *, weight_gather=None) -> nn.Module:
+    def build_model(self, cfg: RunConfig, *, weight_gather=None, **build: Any) -> nn.Module:
         from mks2.model import build_model
 
-        model = build_model(cfg, weight_gather=weight_gather)  # base from init_from (if any), fresh LoRA/router
+        # base from init_from (if any), fresh LoRA/router; ``build``: stage-local / read-once options
+        model = build_model(cfg, weight_gather=weight_gather, **build)
         if self.stage1 is not None:
             load_stage1_weights(model, self.stage1, weight_gather=weight_gather)
         return model

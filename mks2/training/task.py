@@ -156,6 +156,9 @@ class StageTask(abc.ABC):
     stage: Stage
     metric_names: tuple[str, ...] = ()
     """Per-micro-batch metrics besides ``loss`` averaged into each step's record."""
+    vision_on_last_stage: bool = False
+    """Pipeline mode: whether the last stage's ``prepare`` needs the frozen towers (stage 1: the pooled
+    image embedding is the retrieval target); otherwise only the first stage runs them."""
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -170,10 +173,12 @@ class StageTask(abc.ABC):
         path the run will read exists and is of the right kind. Stages extend this."""
         return check_paths(cfg)
 
-    def build_model(self, cfg: RunConfig, *, weight_gather=None) -> nn.Module:
+    def build_model(self, cfg: RunConfig, *, weight_gather=None, **build: Any) -> nn.Module:
+        """``build``: ``mks2.model.build_model``'s stage-local / read-once options (``keep``,
+        ``read_weights``, ``read_vision_weights``), set by the engine builder per mode and rank."""
         from mks2.model import build_model
 
-        return build_model(cfg, weight_gather=weight_gather)
+        return build_model(cfg, weight_gather=weight_gather, **build)
 
     @abc.abstractmethod
     def build_loader(self, cfg: RunConfig, *, dp_rank: int, dp_size: int, state: Any = None) -> Any:
