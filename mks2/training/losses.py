@@ -82,12 +82,16 @@ def contrastive_sums(
     offset = sum(counts[: _rank_in(group)])
     targets = torch.arange(offset, offset + n, device=text_emb.device)  # [n]
     scale = logit_scale.float().exp().clamp(max=LOGIT_SCALE_MAX).reshape(())
-    logits_t2i = scale * text_emb.float() @ image_all.t()  # [n, N]
-    logits_i2t = scale * image_emb.float() @ text_all.t()  # [n, N]
-    total = 0.5 * (
-        F.cross_entropy(logits_t2i, targets, reduction="sum") + F.cross_entropy(logits_i2t, targets, reduction="sum")
-    )
-    correct = (logits_t2i.argmax(dim=-1) == targets).float().sum() if n else text_emb.new_zeros(())
+    # Pairs with an all-zero image embedding (undecodable images, as in contrastive_loss) take no part.
+    valid_all = image_all.abs().amax(dim=-1) > 0  # [N]
+    weight = valid_all[offset : offset + n].float()  # [n]
+    logits_t2i = (scale * text_emb.float() @ image_all.t()).masked_fill(~valid_all, _MASKED)  # [n, N]
+    logits_i2t = (scale * image_emb.float() @ text_all.t()).masked_fill(~valid_all, _MASKED)  # [n, N]
+    per_row = F.cross_entropy(logits_t2i, targets, reduction="none") + F.cross_entropy(
+        logits_i2t, targets, reduction="none"
+    )  # [n]
+    total = 0.5 * (per_row * weight).sum()
+    correct = ((logits_t2i.argmax(dim=-1) == targets).float() * weight).sum() if n else text_emb.new_zeros(())
     return total, correct.detach()
 
 

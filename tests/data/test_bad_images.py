@@ -15,7 +15,7 @@ from mks2.constants import IGNORE_INDEX
 from mks2.data.images import find_placeholders, placeholder
 from mks2.data.loader import build_dataloader
 from mks2.data.pretokenize import pretokenize
-from mks2.training.losses import contrastive_loss
+from mks2.training.losses import contrastive_loss, contrastive_sums
 from tests.data.data_helpers import caption_records, run_config, write_images, write_jsonl
 
 P = 4
@@ -81,6 +81,8 @@ def test_a_zero_image_embedding_takes_no_part_in_the_retrieval_loss():
     masked[2] = 0  # what the frozen front-end gives for a placeholder
     loss, acc = contrastive_loss(text, masked, scale)
     assert torch.allclose(loss, expected) and torch.allclose(acc, expected_acc)
+    sums = contrastive_sums(text[[0, 1, 3]], image[[0, 1, 3]], scale)  # the packed layout's sums
+    assert all(torch.allclose(a, b) for a, b in zip(contrastive_sums(text, masked, scale), sums))
     none = text.clone().requires_grad_()
     loss0, _ = contrastive_loss(none, torch.zeros(4, 8), scale)  # a micro-batch of only bad images
     loss0.backward()
