@@ -17,13 +17,16 @@ partitioned optimizer state (``exp_avg``, ``exp_avg_sq``) are assembled from the
 (:class:`OptimizerShards`, weights-only, memory-mapped) and handed to DeepSpeed's public setters
 (``safe_set_full_fp32_param`` / ``safe_set_full_optimizer_state``), which keep this rank's slice of the new
 partitioning. Per-group values (``step``, lr and the other hyper-parameters) are copied from the saved
-group that holds the same parameters, and the loss scaler from rank 0's file. Frozen tensors are not in
-the optimizer: in ZeRO-3 mode they come from the model build (``model.init_from`` /
-``model.init_from_stage1``), exactly as in DeepSpeed's own same-size resume, which restores none of them;
-in pipeline mode DeepSpeed's loader reads every layer file (they do not depend on the data-parallel size).
+group that holds the same parameters, and the loss scaler from rank 0's file; the trainable model weights
+are then refreshed from the masters (ZeRO-3: its partitions; ZeRO-1/2: ``update_lp_params``). Frozen
+tensors are not in the optimizer: in zero3 mode (ZeRO-3, or ZeRO-2 with a replicated frozen base) they
+come from the model build (``model.init_from`` / ``model.init_from_stage1``), exactly as in DeepSpeed's
+own same-size resume, which restores none of them; in pipeline mode DeepSpeed's loader reads every layer
+file (they do not depend on the data-parallel size).
 
 Cost per rank: every trainable tensor is read whole (x3 for Adam) from the shared filesystem, one tensor
-at a time in memory; no collective except ZeRO-3's re-gather of its persistent (small) parameters.
+at a time in memory; the only collectives are ZeRO-3's re-gather of its persistent (small) parameters and
+ZeRO-1/2's all-gather of the refreshed weights (both over the data-parallel group, on the device).
 """
 
 from __future__ import annotations
@@ -61,11 +64,13 @@ def _zero3_partitions_from_fp32(opt: Any) -> None:
         opt._reassign_or_swap_out_partitioned_parameters(sub_group)
 
 
-def load_resharded(engine: Any, ckpt_dir: str | Path, *, mp_rank: int = 0) -> int:
-    """Load the optimizer state (and, in ZeRO-3 mode, the LR scheduler and the engine's counters) of
-    checkpoint ``ckpt_dir`` into the built DeepSpeed ``engine``, whatever data-parallel size wrote it.
-    ``mp_rank``: this rank's pipeline stage (0 in zero3 mode). In pipeline mode the caller has loaded the
-    module and the scheduler with ``engine.load_checkpoint(..., load_optimizer_states=False)`` first.
+def load_resharded(engine: Any, ckpt_dir: str | Path, *, mp_rank: int = 0, module_loaded: bool = False) -> int:
+    """Load the optimizer state of checkpoint ``ckpt_dir`` into the built DeepSpeed ``engine``, whatever
+    data-parallel size wrote it. ``mp_rank``: this rank's pipeline stage (0 in zero3 mode).
+    ``module_loaded``: the caller already ran ``engine.load_checkpoint(..., load_optimizer_states=False)``
+    (pipeline mode: layer files, LR scheduler, counters); otherwise (zero3 mode, ZeRO-3 or ZeRO-2 with a
+    replicated frozen base) the trainable model weights are refreshed from the restored fp32 masters and
+    the LR scheduler and engine counters are read from rank 0's model-state file.
     Returns the number of parameters restored."""
     src = OptimizerShards(ckpt_dir, mp_rank)
     opt = engine.optimizer
@@ -111,6 +116,9 @@ def load_resharded(engine: Any, ckpt_dir: str | Path, *, mp_rank: int = 0) -> in
     if zero3:
         _zero3_partitions_from_fp32(opt)
         opt.checkpoint_event_epilogue()  # re-gathers the persistent parameters from their new partitions
+    elif not module_loaded:
+        opt.update_lp_params()  # ZeRO-1/2: masters -> this rank's bit16 slice, all-gathered over the ranks
+    if not module_loaded:
         _restore_engine_counters(engine, src.model_states)
     return len(now)
 

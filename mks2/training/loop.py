@@ -138,7 +138,8 @@ class Trainer:
                 )
                 if load_path is None:
                     raise ckpt.CheckpointError(f"DeepSpeed could not load {path}")
-            ckpt.load_resharded(self.engine, path, mp_rank=self.te.pp_stage)
+            pipeline = self.te.mode == ParallelMode.PIPELINE
+            ckpt.load_resharded(self.engine, path, mp_rank=self.te.pp_stage, module_loaded=pipeline)
         self.state = TrainState(**trainer_state["loop"])
         self.last_saved = tag
         loader_state = ckpt.load_rank_state(path, 0)["loader"]  # rank 0 always reads data (stage 0)
