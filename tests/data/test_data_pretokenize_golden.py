@@ -2,7 +2,7 @@
 of every record kind and input format, with awkward and bad records in them, for ``workers`` 1 and 2.
 
 The golden values were computed with the per-record implementation that preceded the batched one
-(commit c008c84); any change to the bytes pretokenize writes (or to which records it skips and why)
+(as of commit a96ad0c); any change to the bytes pretokenize writes (or to which records it skips and why)
 shows up here. The tokenizer is trained by the data tests' recipe with ``num_threads=1``, which is
 reproducible; its own hash is pinned first so that a sentencepiece upgrade that changes training is
 reported as such and not as a pretokenize regression.
