@@ -34,6 +34,16 @@ from mks2.data.errors import DatasetError
 from mks2.data.shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, MappedShard
 from mks2.data.tokenizer import file_sha256, tokenizer_fingerprint
 
+_VERIFIED: set[Path] = set()
+"""Dataset directories whose shards were hashed on this node during this run (by the node's local rank 0,
+``mark_verified``): this process opens them without hashing again."""
+
+
+def mark_verified(path: str | Path) -> None:
+    """Record that the shards of the dataset at ``path`` were verified on this node (sha256 and token ids),
+    so :class:`PretokenizedDataset` skips those checks here (sizes and row counts are still checked)."""
+    _VERIFIED.add(Path(path).expanduser().resolve())
+
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
     d = Path(directory).expanduser()
@@ -134,6 +144,7 @@ class PretokenizedDataset:
         self.path = Path(path).expanduser().resolve()
         self.manifest = read_manifest(self.path)
         self.kind: str = self.manifest["kind"]
+        verify_hashes = verify_hashes and self.path not in _VERIFIED  # hashed on this node already
         self._verify = verify_hashes
         self.release_every = release_every
         self._check_identity(tokenizer, vocab_size, image_token_id)

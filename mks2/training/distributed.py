@@ -138,6 +138,20 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
         accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def host_group(timeout_minutes: float = 24 * 60.0):
+    """A gloo group of all ranks for waits that may outlast the accelerator backend's timeout (one rank per
+    node hashing the data while the others wait): CPU objects only, its own long timeout. Every rank must
+    call it (collective); None in a world of one."""
+    if not _active():
+        return None
+    return dist.new_group(backend="gloo", timeout=timedelta(minutes=timeout_minutes))
+
+
+def destroy_group(group) -> None:
+    """Release a group made by :func:`host_group` (every rank)."""
+    dist.destroy_process_group(group)
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 

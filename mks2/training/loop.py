@@ -24,6 +24,7 @@ from mks2.config import ConfigError, Offload, ParallelMode, RunConfig, to_dict
 from mks2.model import apply_config_from_hf
 from mks2.training import distributed, faults
 from mks2.training.batch import check_world_size, data_parallel_size, pipeline_stages, resolve_global_batch
+from mks2.training.data_check import verify_data_once_per_node
 from mks2.training.engine import TrainingEngine, build_engine
 from mks2.training.flops import FlopsModel
 from mks2.training.metrics import MetricsLog, peak_flops_per_device
@@ -513,6 +514,7 @@ def run_training(cfg: RunConfig, task: StageTask) -> str:
             return "done"
         if distributed.rank() == 0:
             log_data_summary(cfg)
+        verify_data_once_per_node(cfg)  # one rank per node hashes the shards, before any engine
         built = build_engine(cfg, task)
         if distributed.rank() == 0:
             log.info("%s", built.summary)  # to the screen and <save_dir>/logs/train.log
