@@ -140,7 +140,9 @@ def run_stages(args: argparse.Namespace, out: Path, seed: int, timings: dict[str
         print(
             f"[0] base LM: loss {summary['loss_first']:.2f} -> {summary['loss_last']:.2f} ({timings['base LM']:.0f} s)"
         )
-    stage1_runs = {"stage1": []}
+    stage1_runs: dict[str, list[str]] = {}
+    if any(v not in ("inst_lora", NO_IMAGES) for v in args.variants):  # INST-LoRA never sees stage 1
+        stage1_runs["stage1"] = []
     if NO_IMAGES in args.variants:  # the same captions, one blank image for all, no retrieval objective
         stage1_runs["stage1_no_images"] = ["data.datasets=[demo:captions_noimage]", "train.retrieval_loss_weight=0"]
     for name, extra in stage1_runs.items():
