@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from mks2.data.errors import DatasetError
+
 log = logging.getLogger(__name__)
 
 TAG_LEN = 16
@@ -102,7 +104,7 @@ class ImageLoader:
         assert self._shape is not None
         return self._shape
 
-    def load(self, path: str, where: str = "") -> tuple[torch.Tensor, str | None]:
+    def load(self, path: str, where: str = "", *, quiet: bool = False) -> tuple[torch.Tensor, str | None]:
         """(pixels [3, H, W], None), or (a tagged placeholder, the note naming the file and the reason)
         when the file cannot be read or decoded. Deterministic: the same file gives the same answer."""
         from PIL import Image
@@ -113,9 +115,14 @@ class ImageLoader:
                 rgb = im.convert("RGB")  # forces the full decode: a truncated file fails here
         except _decode_errors() as exc:
             note = f"{full} ({type(exc).__name__}: {exc})"
-            log.warning("%s: cannot decode image, the sample is skipped: %s", where or "loader", note)
+            if not quiet:
+                log.warning("%s: cannot decode image, the sample is skipped: %s", where or "loader", note)
             return placeholder(self.output_shape(), note), note
         return self._process(rgb), None
 
     def __call__(self, path: str, where: str = "") -> torch.Tensor:
-        return self.load(path, where)[0]
+        """Strict loading (the evaluators): pixels [3, H, W], or ``DatasetError`` naming the file."""
+        pixels, failure = self.load(path, where, quiet=True)
+        if failure is not None:
+            raise DatasetError(f"{where}: cannot load image {failure}")
+        return pixels

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 import torch.nn.functional as F
 from transformers import CLIPImageProcessorPil
 
 from mks2.config import VisionKind
 from mks2.constants import IGNORE_INDEX
-from mks2.data.images import find_placeholders, placeholder
+from mks2.data.errors import DatasetError
+from mks2.data.images import ImageLoader, find_placeholders, placeholder
 from mks2.data.loader import build_dataloader
 from mks2.data.pretokenize import pretokenize
 from mks2.training.losses import contrastive_loss, contrastive_sums
@@ -68,6 +70,10 @@ def test_an_undecodable_image_masks_its_sample_and_nothing_else(tmp_path, sp_mod
         assert torch.equal(g["labels"][others], b["labels"][others])
         assert torch.equal(g["pixel_values"][others], b["pixel_values"][others])
     assert (good[k]["labels"][row] != IGNORE_INDEX).any()  # the good run trains on that caption
+    strict = ImageLoader(CLIPImageProcessorPil(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8}),
+                         str(tmp_path / "images"))  # fmt: skip
+    with pytest.raises(DatasetError, match=r"q.jsonl:3: cannot load image .*5.png"):
+        strict("img/5.png", where="q.jsonl:3")  # the evaluators' loading stays strict: one line, not a placeholder
     assert (bad[k]["labels"][row] == IGNORE_INDEX).all()  # no caption loss on the skipped sample
 
 
