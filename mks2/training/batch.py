@@ -73,12 +73,26 @@ def check_world_size(cfg: RunConfig, world_size: int) -> list[str]:
                 " on this world size: set one of the two to null"
             )
     elif fixed % per_step:
+        fits = _what_fits(fixed, t.micro_batch_size, dp, stages)
         p.append(
             f"train.global_batch_size ({fixed}) must be a multiple of micro_batch_size x "
-            f"data-parallel size = {t.micro_batch_size} x {dp} = {per_step} (or set train.global_batch_size=null "
-            "and train.grad_accumulation_steps to let the global batch scale with the world size)"
+            f"data-parallel size = {t.micro_batch_size} x {dp} = {per_step}: {fits}"
+            " (or set train.global_batch_size=null and train.grad_accumulation_steps to let the global batch scale "
+            "with the world size)"
         )
     return p
+
+
+def _what_fits(global_batch: int, micro: int, dp: int, stages: int) -> str:
+    """Values that keep ``global_batch`` (a resume on another number of GPUs must keep it: the rows per step)."""
+    micros = [b for b in range(1, global_batch // dp + 1) if global_batch % (b * dp) == 0]
+    worlds = [d * stages for d in range(1, global_batch // micro + 1) if global_batch % (micro * d) == 0]
+    on_this = (
+        f"on {dp} data-parallel ranks train.micro_batch_size {micros} fits"
+        if micros
+        else f"{dp} data-parallel ranks cannot split {global_batch} samples"
+    )
+    return f"{on_this}; with micro_batch_size {micro} the world sizes {worlds[:8]} do"
 
 
 def resolve_global_batch(cfg: RunConfig, world_size: int) -> int:
