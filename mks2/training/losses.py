@@ -90,9 +90,16 @@ def contrastive_sums(
     per_row = F.cross_entropy(logits_t2i, targets, reduction="none") + F.cross_entropy(
         logits_i2t, targets, reduction="none"
     )  # [n]
-    total = 0.5 * (per_row * weight).sum()
+    total = 0.5 * exact_sum(per_row * weight)
     correct = ((logits_t2i.argmax(dim=-1) == targets).float() * weight).sum() if n else text_emb.new_zeros(())
     return total, correct.detach()
+
+
+def exact_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of a 1-d fp32 tensor accumulated in fp64, returned as fp32: the result no longer depends on the
+    reduction order the kernel picks (which varies with the tensor's length and memory layout), so a resumed
+    run reproduces the uninterrupted one bit for bit although the packed pair counts vary per micro-batch."""
+    return x.double().sum().float()
 
 
 def gather_counts(n: int, device: torch.device, group=None) -> list[int]:

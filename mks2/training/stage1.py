@@ -31,7 +31,7 @@ from torch import nn
 from mks2.config import ParallelMode, RunConfig, Stage
 from mks2.constants import IGNORE_INDEX
 from mks2.model import causal_lm_loss
-from mks2.training.losses import caption_targets, contrastive_loss, contrastive_sums
+from mks2.training.losses import caption_targets, contrastive_loss, contrastive_sums, exact_sum
 from mks2.training.pipeline import HeadPipe, PipelineSpec, build_pipeline_spec
 from mks2.training.task import StageTask
 
@@ -195,7 +195,7 @@ def packed_stage1_loss(
     from mks2.training.faults import maybe_poison
 
     t = task.cfg.train
-    cap_sum = F.cross_entropy(caption_logits.float(), caption_targets, reduction="sum")
+    cap_sum = exact_sum(F.cross_entropy(caption_logits.float(), caption_targets, reduction="none"))
     ret_sum, correct = contrastive_sums(text_emb, image_emb, logit_scale, task.dp_group)
     loss_caption = cap_sum * caption_scale
     loss_retrieval = ret_sum * retrieval_scale
