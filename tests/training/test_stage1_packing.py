@@ -100,3 +100,22 @@ def test_caption_loss_is_the_global_token_mean_over_packed_micro_batches(layouts
     _, m_split, _ = _zero3_step(task, vision, batches)
     _, m_pad, _ = _zero3_step(t_pad, vision, [b_pad])
     assert m_split[0] == pytest.approx(m_pad[0], rel=1e-5)
+
+
+def test_a_budget_too_small_for_one_pair_is_a_config_error_naming_both_numbers(tmp_path):
+    from mks2.config import ConfigError
+    from mks2.model.vision import vision_prefix_length
+    from mks2.training.stage1 import packing_problems
+    from tests.fixtures import make_tiny_clip
+    from tests.tiny import run_config
+
+    make_tiny_clip(tmp_path / "clip")
+    cfg = run_config("model.stage=mvm", "data.packing=true", "data.seq_len=8", "train.micro_batch_size=1",
+                     vision_dir=tmp_path / "clip")  # fmt: skip
+    p = vision_prefix_length(cfg.model)
+    problems = packing_problems(cfg)
+    assert len(problems) == 1 and "data.tokens_per_micro_batch=8" in problems[0] and f"needs {p + 6}" in problems[0]
+    assert packing_problems(run_config("model.stage=mvm", "data.packing=true", "data.seq_len=64",
+                                       vision_dir=tmp_path / "clip")) == []  # fmt: skip
+    with pytest.raises(ConfigError, match="data.tokens_per_micro_batch=100: must be 0 or a positive multiple"):
+        run_config("data.seq_len=64", "data.tokens_per_micro_batch=100")
