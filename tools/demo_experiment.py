@@ -170,7 +170,6 @@ def run_stages(args: argparse.Namespace, out: Path, seed: int, timings: dict[str
         s2 = [
             "--ablation",
             "mks2" if v == NO_IMAGES else v,
-            f"model.init_from_stage1={stage1}",
             *common,
             f"train.save_dir={save}",
             f"train.max_steps={args.stage2_steps}",
@@ -178,59 +177,64 @@ def run_stages(args: argparse.Namespace, out: Path, seed: int, timings: dict[str
             "train.resume=none",
             *args.stage2_args,
         ]
-        if v == "inst_lora":
-            s2.append(f"model.init_from={base}")
+        # INST-LoRA: the base LM, never stage 1 (a command-line init_from_stage1 would override its preset's null)
+        s2.append(f"model.init_from={base}" if v == "inst_lora" else f"model.init_from_stage1={stage1}")
         timings[f"stage 2 {v}"] = _launch("finetune_mome.py", s2, out / f"stage2_{v}.log", f"stage 2 ({v})")
         print(f"[2] stage 2 {v}: {args.stage2_steps} steps ({timings[f'stage 2 {v}']:.0f} s)")
 
 
 def evaluate_seed(args: argparse.Namespace, out: Path, timings: dict[str, float]) -> dict:
-    """Every variant's multiple choice (held-out and seen) and the probes of one seed; cached in out."""
+    """Every variant's multiple choice (held-out and seen) and the probes of one seed. Each piece is cached in
+    out/seed_results.json as soon as it is done: a later invocation evaluates only what is missing (another
+    variant, a stage 1 trained since)."""
     from mks2.demo import resolve_path
     from mks2.eval import load_for_eval, run_evaluation
     from mks2.eval.demo_probe import looks_linear_probe, stage1_looks_probe
 
     cached = out / "seed_results.json"
-    if cached.is_file():
-        done = json.loads(cached.read_text())
-        if set(done["variants"]) == set(args.variants):
-            return done
+    results: dict = json.loads(cached.read_text()) if cached.is_file() else {"variants": {}, "linear_probe": {}}
+    if results.get("eval_limit") != args.eval_limit:
+        results = {"variants": {}, "linear_probe": {}, "eval_limit": args.eval_limit}
     cache = str(Path(args.cache_dir).expanduser())
 
     def path(name: str) -> str:
         return resolve_path(f"demo:{name}", cache, progress=False, world=args.world)
 
+    def save() -> None:
+        cached.write_text(json.dumps(results, indent=2) + "\n")
+
     files = {name: path(name) for name in ("eval_mc", "eval_mc_seen")}
     t0 = time.perf_counter()
-    results: dict = {"variants": {}, "linear_probe": {}}
-    em = load_for_eval(out / "base_lm", chat_template="llama2")
-    results["linear_probe"]["base LM"] = looks_linear_probe(em)
+    if "base LM" not in results["linear_probe"]:
+        results["linear_probe"]["base LM"] = looks_linear_probe(load_for_eval(out / "base_lm", chat_template="llama2"))
+        save()
     for name in ("stage1", "stage1_no_images"):
-        if not (out / name).is_dir():
+        if not (out / name).is_dir() or f"{name}_retrieval" in results:
             continue
         em = load_for_eval(out / name)
         rep = run_evaluation(em, retrieval=[path("eval_retrieval")], image_root=path("images"), limit=args.eval_limit)
-        results[f"{name}_retrieval"] = next(iter(rep["retrieval"].values()))
         results[f"{name}_looks_probe"] = stage1_looks_probe(em)
         results["linear_probe"][name.replace("_", " ")] = looks_linear_probe(em)
+        results[f"{name}_retrieval"] = next(iter(rep["retrieval"].values()))
+        save()
     for v in args.variants:
+        if v in results["variants"]:
+            continue
         em = load_for_eval(out / f"stage2_{v}")
         rep = run_evaluation(
             em, mc=[files["eval_mc"], files["eval_mc_seen"]], keep_predictions=False, limit=args.eval_limit
         )
-        results["variants"][v] = {
-            "heldout": rep["multiple_choice"]["mc_heldout"],
-            "seen": rep["multiple_choice"]["mc_seen"],
-        }
-        results["linear_probe"][f"stage 2 {v}"] = looks_linear_probe(em)
+        r = {"heldout": rep["multiple_choice"]["mc_heldout"], "seen": rep["multiple_choice"]["mc_seen"]}
         if v == "mks2":  # where does the answer come from: each expert alone
             for gates, label in (([1.0, 0.0], "mlp_only"), ([0.0, 1.0], "mvm_only")):
-                r = run_evaluation(
+                g = run_evaluation(
                     em, mc=[files["eval_mc"]], force_gates=gates, keep_predictions=False, limit=args.eval_limit
                 )
-                results["variants"][v][f"heldout_{label}"] = r["multiple_choice"]["mc_heldout"]
+                r[f"heldout_{label}"] = g["multiple_choice"]["mc_heldout"]
+        results["linear_probe"][f"stage 2 {v}"] = looks_linear_probe(em)
+        results["variants"][v] = r
+        save()
     timings["evaluation"] = time.perf_counter() - t0
-    cached.write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
@@ -442,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(text)
-    print("\nText-only multiple choice about the looks of objects seen only in images during stage 1 (held-out):\n")
+    print("\nText-only multiple choice about the looks of the held-out objects (and of the seen ones, a control):\n")
     print(text)
     print(f"results: {out / 'results.json'}, {out / 'results.md'}")
     return 0
