@@ -44,7 +44,7 @@ from mks2.constants import IGNORE_INDEX
 from mks2.data.errors import DataError
 from mks2.data.sampler import SampleStream
 
-STATE_VERSION = 1
+STATE_VERSION = "stage1_packed/1"  # a string: the padded sampler (versions 1, 2) refuses it by name
 
 
 class CaptionTooLongError(DataError):
@@ -251,7 +251,7 @@ class PackedStepSampler:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("kind") != "stage1_packed":
+        if state.get("kind") != "stage1_packed" or state.get("version") != STATE_VERSION:
             raise DataError("the checkpoint's data state is not of a packed stage-1 run (data.packing changed?)")
         if state.get("seed") != self.stream.seed:
             raise DataError(

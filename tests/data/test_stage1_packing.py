@@ -139,3 +139,15 @@ def test_a_long_caption_is_refused_with_its_file_and_row():
     with pytest.raises(CaptionTooLongError, match="shard.arrow row 4"):
         for _ in zip(range(100), iter(_sampler(refuse=True, lengths=lengths))):
             pass
+
+
+def test_packed_and_padded_sampler_states_refuse_each_other():
+    from mks2.data.errors import DataError
+    from mks2.data.sampler import DistributedSampler, UnitStream
+
+    packed_state = _sampler().state_dict()
+    padded = DistributedSampler(UnitStream(SampleStream([50], seed=3), packing=False, seq_len=S), rank=0, world_size=2)
+    with pytest.raises(ValueError, match="unknown sampler state version 'stage1_packed/1'"):
+        padded.load_state_dict(packed_state)
+    with pytest.raises(DataError, match="not of a packed stage-1 run"):
+        _sampler(padded.state_dict())
