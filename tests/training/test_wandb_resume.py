@@ -11,7 +11,8 @@ from tests.tiny import run_config
 
 
 def _start(save_dir, *, resuming: bool, step: int) -> str:
-    cfg = run_config("model.stage=base", "train.wandb=true", "train.wandb_project=mks2-test", f"train.save_dir={save_dir}")
+    cfg = run_config("model.stage=base", "train.wandb=true", "train.wandb_project=mks2-test",
+                     f"train.save_dir={save_dir}")  # fmt: skip
     run = WandbRun(cfg, resuming=resuming)
     run.log({"step": step, "loss": 1.0 / step})
     run.finish()
