@@ -14,10 +14,11 @@ checkpoint, was not used, on purpose:
 Our trainable state is small (MVM experts, LoRA, routers, the mapping), so re-sharding it in place is
 simple and exact: for each trainable parameter of the NEW engine, the whole fp32 master weight and each
 partitioned optimizer state (``exp_avg``, ``exp_avg_sq``) are assembled from the old ranks' shards
-(:class:`OptimizerShards`, weights-only, memory-mapped) and handed to DeepSpeed's public setters
-(``safe_set_full_fp32_param`` / ``safe_set_full_optimizer_state``), which keep this rank's slice of the new
-partitioning. Per-group values (``step``, lr and the other hyper-parameters) are copied from the saved
-group that holds the same parameters, and the loss scaler from rank 0's file; the trainable model weights
+(:class:`OptimizerShards`, weights-only, memory-mapped); this rank keeps its slice of the new
+partitioning (ZeRO-1/2: DeepSpeed's ``safe_set_full_fp32_param`` / ``safe_set_full_optimizer_state``;
+ZeRO-3: the same arithmetic in ``_zero3_set``, which also handles a padded last partition).
+Per-group values (``step``, lr and the other hyper-parameters) are copied from the saved group that
+holds the same parameters, and the loss scaler from rank 0's file; the trainable model weights
 are then refreshed from the masters (ZeRO-3: its partitions; ZeRO-1/2: ``update_lp_params``). Frozen
 tensors are not in the optimizer: in zero3 mode (ZeRO-3, or ZeRO-2 with a replicated frozen base) they
 come from the model build (``model.init_from`` / ``model.init_from_stage1``), exactly as in DeepSpeed's
@@ -54,6 +55,18 @@ def _flat_groups(opt: Any) -> list[tuple[list[torch.nn.Parameter], torch.Tensor,
     raise CheckpointError(
         f"a resume with another data-parallel size is not supported with DeepSpeed optimizer {type(opt).__name__}"
     )
+
+
+def _zero3_set(opt: Any, param: torch.nn.Parameter, value: torch.Tensor, key: str | None) -> None:
+    """This rank's slice of ``value`` (the whole flat tensor, [ds_numel]) into ZeRO-3's fp32 master
+    (``key`` None) or optimizer-state partition of ``param``. DeepSpeed's ``set_full_hp_param`` does the
+    same but narrows past the end on the rank holding a padded last partition (numel not divisible by
+    the data-parallel size: a [1] logit scale on 2 ranks), so the padding is handled here."""
+    partition, _ = opt._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+    start = partition.numel() * opt._get_param_partition_rank(param)
+    valid = max(0, min(partition.numel(), value.numel() - start))
+    partition.data.zero_()
+    partition.data[:valid].copy_(value.flatten()[start : start + valid])
 
 
 def _zero3_partitions_from_fp32(opt: Any) -> None:
@@ -108,9 +121,14 @@ def load_resharded(engine: Any, ckpt_dir: str | Path, *, mp_rank: int = 0, modul
                 raise CheckpointError(f"{ckpt_dir}: {name} has {src.numel(name)} elements, this run's {numel}")
             if not zero3 and p._hp_mapping is not None:  # ZeRO-1/2: point the fragment views at the new state
                 p._hp_mapping.set_optim_state_fragment(flat, state)
-            safe_set_full_fp32_param(p, src.full(name, FP32))
-            for key in keys:
-                safe_set_full_optimizer_state(p, src.full(name, key), key)
+            for key in [None, *keys]:
+                value = src.full(name, FP32 if key is None else key)
+                if zero3:
+                    _zero3_set(opt, p, value, key)
+                elif key is None:
+                    safe_set_full_fp32_param(p, value)
+                else:
+                    safe_set_full_optimizer_state(p, value, key)
     for key, value in src.scaler_state().items():
         setattr(opt, key, value)
     if zero3:
