@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -135,7 +136,7 @@ def worker(args) -> None:
     counted = _count_tensor_bytes()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     over = [
-        f"model.init_from={args.model}", "model.mvm.layers=[0]", "train.micro_batch_size=1",
+        f"model.init_from={args.model}", "model.mvm.layers=every:7", "train.micro_batch_size=1",
         f"train.global_batch_size={world if args.mode == 'zero3' else 1}", "train.precision=fp32",
         "train.eval_interval=-1", "data.num_workers=0", f"train.save_dir={args.save_dir}", "train.max_steps=1",
         f"parallel.mode={args.mode}",
@@ -168,10 +169,10 @@ def run(model: Path, mode: str, nproc: int, port: int) -> list[dict]:
                "--model", str(model), "--mode", mode, "--save-dir", tmp]  # fmt: skip
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if "STARTUP_RESULT " in ln]
-    if proc.returncode != 0 or len(lines) != nproc:
+    found = re.findall(r"STARTUP_RESULT (\{.*?\})", proc.stdout)  # ranks' lines may interleave
+    if proc.returncode != 0 or len(found) != nproc:
         raise SystemExit(f"{mode} run on {nproc} ranks failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return sorted((json.loads(ln.split("STARTUP_RESULT ", 1)[1]) for ln in lines), key=lambda r: r["rank"])
+    return sorted((json.loads(text) for text in found), key=lambda r: r["rank"])
 
 
 def table(model: Path, cases: list[tuple[str, int]], port: int) -> str:

@@ -176,7 +176,9 @@ def _build_zero3(cfg: RunConfig, task: StageTask, ds_config: dict, dtype: torch.
 
     _preimport_for_zero_init()
     device = _device()
-    reader = distributed.rank() == 0  # the only rank that reads the HF weights (GatheredParameters keeps its values)
+    # ZeRO-3: rank 0 alone reads the HF weights (GatheredParameters(modifier_rank=0) keeps its values). With
+    # zero.Init disabled (parallel.zero_stage < 3) nothing is partitioned and every rank loads its own copy.
+    reader = distributed.rank() == 0 or zero_stage(cfg) != 3
     # The replicated towers first (read once here; fork_rng inside: the model's init is unchanged), so the
     # engine's partitioned copy is filled from them rather than read a second time.
     vision = FrozenVision.build(cfg.model, device, dtype)
