@@ -330,7 +330,7 @@ def encode_shard(
         "skipped": len(problems),
         "tokens": int(len(values)),
         "loss_tokens": int(mask.sum(dtype=np.int64)),
-        "images": 0 if out_images is None else sum(i is not None for i in out_images),
+        "images": 0 if out_images is None else len(out_images) - out_images.count(None),
         "max_token_id": int(real.max()) if len(real) else -1,
         "bytes": len(data),
         "sha256": sha256_bytes(data),
