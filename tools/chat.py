@@ -149,8 +149,20 @@ class Chat:
         return text
 
 
+def _quiet_deepspeed_accelerator() -> None:
+    """Reading a training checkpoint imports DeepSpeed, whose accelerator detection announces a CPU fallback
+    on stdout: the stream the answer goes to. Name the accelerator for it when there is no GPU."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    _quiet_deepspeed_accelerator()
     from mks2.errors import UserError
     from mks2.eval.checkpoints import load_for_eval
 
