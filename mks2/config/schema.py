@@ -109,7 +109,9 @@ class LongCaptions(str, enum.Enum):
     """What stage-1 packing does with a caption longer than a row (``data.long_captions``)."""
 
     TRUNCATE = "truncate"
+    """Cut the caption to fit the row, its EOS kept; counted in the packed loader's state (``truncated``)."""
     REFUSE = "refuse"
+    """Stop with the caption's file and row when its step is planned (the same step on every rank)."""
 
 
 class ChatTemplate(str, enum.Enum):
