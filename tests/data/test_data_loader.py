@@ -140,15 +140,18 @@ def test_eval_split_is_finite(corpora, sp_model):
 
 
 def test_configuration_errors(corpora, sp_model, tmp_path):
-    with pytest.raises(DatasetError, match="data.packing=true is not supported in stage mvm"):
-        build_dataloader(
-            _mvm_config(corpora, sp_model, packing=True),
-            rank=0,
-            world_size=1,
-            stage="mvm",
-            image_processor=_processor(),
-            num_prefix_tokens=P,
-        )
+    # data.packing in stage mvm: the packed (caption, retrieval) pair loader, never silently the padded one
+    packed = build_dataloader(
+        _mvm_config(corpora, sp_model, packing=True, seq_len=32),
+        rank=0,
+        world_size=1,
+        stage="mvm",
+        image_processor=_processor(),
+        num_prefix_tokens=P,
+    )
+    from mks2.data.stage1_packing import PackedStepSampler
+
+    assert isinstance(packed.sampler, PackedStepSampler)
     text_cfg = run_config([str(corpora / "text")], tokenizer=str(sp_model))
     with pytest.raises(DatasetError, match="stage mvm trains on caption datasets"):
         build_dataloader(text_cfg, rank=0, world_size=1, stage="mvm", image_processor=_processor(), num_prefix_tokens=P)
