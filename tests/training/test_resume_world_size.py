@@ -144,3 +144,23 @@ def test_pipeline_resume_with_another_stage_count_is_refused(pipeline_reference)
         result.output
     ), tail(result)
     assert "set parallel.pipeline_stages=2" in result.output
+
+
+def test_pipeline_resume_on_another_data_parallel_size(tmp_path):
+    """Pipeline mode, the same stage count (1: ZeRO-1 over the data-parallel group), 2 ranks -> 1: the resumed
+    run says so, continues the global sample stream (rows consumed = steps x global batch) and its first
+    update starts from the saved optimizer state (the AdamW replay)."""
+    save_dir = tmp_path / "run"
+    args = [*TINY, "parallel.mode=pipeline", "parallel.pipeline_stages=1", "train.eval_interval=0",
+            "train.save_interval=1", "train.keep_last=9", f"train.save_dir={save_dir}"]  # fmt: skip
+    on_two = run("deepspeed", 2, [*args, "train.max_steps=4"])
+    assert on_two.returncode == 0, tail(on_two)
+    on_one = run("deepspeed", 1, [*args, "train.max_steps=6"])
+    assert on_one.returncode == 0 and "(step 4) on another data-parallel size: checkpoint 2, now 1" in (
+        on_one.output
+    ), tail(on_one)
+    got = {r["step"]: r for r in metrics(save_dir)}
+    assert sorted(got) == list(range(1, 7)) and all(math.isfinite(got[s]["loss"]) for s in got)
+    _adam_replay_matches(save_dir / ckpt.tag_for(4), save_dir / ckpt.tag_for(5), got[5]["lr"])
+    batch = ckpt.load_rank_state(save_dir / ckpt.tag_for(4), 0)["loader"]["consumed_rows"] // 4
+    assert ckpt.load_rank_state(save_dir / ckpt.tag_for(6), 0)["loader"]["consumed_rows"] == 6 * batch
