@@ -127,3 +127,42 @@ def test_cache_holds_the_prompt_and_image_prefix_once(exported):
 def test_generation_config_enables_the_cache(exported):
     *_, out = exported
     assert json.loads((out / "generation_config.json").read_text())["use_cache"] is True
+
+
+@torch.no_grad()
+def test_fused_layers_equal_the_package_modules_and_follow_weight_updates(exported):
+    """No-grad forwards run the fused layers (q/k/v, experts and router in fewer matmuls, LoRA folded):
+    the same logits as the package modules' own forward, rebuilt after an in-place weight update, and
+    not used where a forward hook on an expert must fire."""
+    _, hf, _, _ = exported
+    ids = random_ids(2, 9, seed=3)
+    fused = hf(ids).logits
+    assert all(
+        "_fused_plan" in layer.__dict__ and "_fused_plan" in layer.self_attn.__dict__ for layer in hf.model.layers
+    )
+    hf.set_fused_inference(False)
+    plain = hf(ids).logits
+    assert not any("_fused_plan" in layer.__dict__ for layer in hf.model.layers)
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=0)
+    layer = hf.model.layers[0]
+    weight, expert = (layer.mvm.up_proj.weight, layer.mvm) if layer.has_mvm else (layer.mlp.up_proj.weight, layer.mlp)
+    old = weight.clone()
+    try:
+        hf.set_fused_inference(True)
+        hf(ids)  # the fused weights are built from the current weights ...
+        weight.mul_(1.5)  # ... then one changes in place
+        got = hf(ids).logits
+        hf.set_fused_inference(False)
+        want = hf(ids).logits
+    finally:
+        weight.copy_(old)
+        hf.set_fused_inference(True)
+    assert not torch.allclose(want, plain, atol=1e-3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    seen = []
+    handle = expert.register_forward_hook(lambda *args: seen.append(1))
+    try:
+        torch.testing.assert_close(hf(ids).logits, fused, atol=1e-5, rtol=0)
+    finally:
+        handle.remove()
+    assert seen, "a hooked expert must run as a module"

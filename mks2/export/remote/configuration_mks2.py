@@ -4,6 +4,8 @@
 ``model`` section as a plain dict (``mks2.config.to_dict(cfg)["model"]``), from which the modeling
 code rebuilds the exact ``ModelConfig`` the model was trained with. ``vision_subfolder`` names the
 folder (inside the model directory) that holds the vision tower's own ``config.json``.
+``fused_inference`` (default true): whether no-grad forwards run the fused layers (see
+``mks2.export.remote.fused_inference``).
 """
 
 from __future__ import annotations
@@ -56,9 +58,16 @@ class MKS2LlamaConfig(PretrainedConfig):
 
     model_type = MODEL_TYPE
 
-    def __init__(self, mks2: dict[str, Any] | None = None, vision_subfolder: str | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        mks2: dict[str, Any] | None = None,
+        vision_subfolder: str | None = None,
+        fused_inference: bool = True,
+        **kwargs: Any,
+    ):
         self.mks2 = dict(mks2 or {})
         self.vision_subfolder = vision_subfolder
+        self.fused_inference = bool(fused_inference)
         m = self.mks2
         # Mirrors of the architecture, so generic tools (and generation utilities) find the usual names.
         self.vocab_size = m.get("vocab_size")

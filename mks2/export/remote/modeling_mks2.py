@@ -10,6 +10,11 @@ Generation uses a key/value cache (transformers' ``DynamicCache``, created by ``
 prompt, image prefixes included, is encoded once at prefill, then each step runs one token per row
 over the cache, the core's own cached path (``MKS2ForCausalLM.forward(past_key_values=...)``) for
 every stage (MVM, MoME routers and LoRA). ``use_cache=False`` recomputes the whole sequence per step.
+
+Without autograd the decoder layers run fused (``mks2.export.remote.fused_inference``): q/k/v in one
+matmul, every expert's projections and the router in two, LoRA folded in; fp32/fp64 weights only, the
+saved weights unchanged. ``config.fused_inference=False`` (``from_pretrained(..., fused_inference=False)``)
+or ``set_fused_inference(False)`` runs the package modules' own forward instead.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mks2.config.schema import VisionKind
 from mks2.export.remote.configuration_mks2 import MKS2LlamaConfig
+from mks2.export.remote.fused_inference import install_fused_inference, set_fused_inference
 from mks2.model.dtypes import precision_of
 from mks2.model.modeling import MKS2ForCausalLM
 
@@ -50,7 +56,7 @@ class MKS2LlamaForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = MKS2LlamaConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
-    _no_split_modules = ["DecoderLayer"]
+    _no_split_modules = ["DecoderLayer", "FusedDecoderLayer"]
     # BLIP-2's Q-Former and query tokens are kept in fp32 by the vision front-end whatever the dtype.
     _keep_in_fp32_modules = ["qformer", "query_tokens"]
     _supports_sdpa = True
@@ -83,12 +89,19 @@ class MKS2LlamaForCausalLM(PreTrainedModel, GenerationMixin):
         if core.retrieval is not None:
             self.retrieval = core.retrieval
         self._core = (core,)  # a tuple: not registered twice as a submodule
+        install_fused_inference(core, enabled=bool(getattr(config, "fused_inference", True)))
         self.post_init()
 
     @property
     def core(self) -> MKS2ForCausalLM:
         """The package model sharing this wrapper's modules (``forced_gates``, retrieval helpers, ...)."""
         return self._core[0]
+
+    def set_fused_inference(self, enabled: bool) -> None:
+        """Run no-grad forwards through the fused layers (True, the default) or the package modules'
+        own forward (False); either way the fused weights are dropped and rebuilt when next needed."""
+        self.config.fused_inference = bool(enabled)
+        set_fused_inference(self.core, enabled)
 
     def _init_weights(self, module: torch.nn.Module) -> None:
         # The core initialises its own weights at construction (or skips it when loading).
