@@ -8,6 +8,7 @@ Layout of ``train.save_dir`` (one directory per saved optimizer step)::
         mks2/trainer.json            step, stage, parallel mode, world/data-parallel/pipeline sizes,
                                      tokens seen, skipped-step counters (rank 0)           metadata
         mks2/config.json             the resolved run config (mks2.config.to_dict) (rank 0) metadata
+        mks2/vision_towers.safetensors  zero3 mode: the frozen vision towers (rank 0)          towers
         mks2/rank_00000.pt ...       one per rank: python/numpy/torch(/accelerator) RNG states and the
                                      rank's data-loader state (tensors/containers only)   rank_state
         COMPLETE                     written LAST by rank 0 after every rank finished (a barrier) writer
@@ -33,6 +34,8 @@ Modules (each one job; the package imports config and model, never training or e
   ``check_checkpoint_files``, the engine's ``install_safe_checkpoint_engine``);
 - ``tensors``: ``TensorSpec`` (shape + dtype), the ``TensorSource`` interface, ``ModuleSource``;
 - ``zero_reader`` / ``pipeline_reader``: tensor-by-tensor readers of DeepSpeed's files per mode;
+- ``towers``: ``save_towers`` / ``open_towers``, the frozen vision towers of a zero3 checkpoint (they run
+  outside the engine, so rank 0 writes them from its replica into ``mks2/vision_towers.safetensors``);
 - ``consolidated``: ``open_consolidated`` / ``load_consolidated`` (either mode, under our names);
 - ``optim_shards`` / ``reshard``: a ZeRO checkpoint's optimizer shards as whole tensors, and
   ``load_resharded`` (a resume on another data-parallel size, either mode).
@@ -71,12 +74,14 @@ from mks2.checkpoint.safe_load import (
     write_failure,
 )
 from mks2.checkpoint.tensors import ModuleSource, TensorSource, TensorSpec, tensor_specs
+from mks2.checkpoint.towers import TOWERS_FILE, open_towers, save_towers
 from mks2.checkpoint.writer import mark_complete, prune
 
 __all__ = [
     "CLIENT_DIR",
     "MARKER",
     "TAG_RE",
+    "TOWERS_FILE",
     "CheckpointDir",
     "CheckpointError",
     "CheckpointWriteError",
@@ -102,6 +107,7 @@ __all__ = [
     "load_resharded",
     "mark_complete",
     "open_consolidated",
+    "open_towers",
     "prune",
     "rank_file",
     "safe_load",
@@ -109,6 +115,7 @@ __all__ = [
     "read_meta",
     "resume_changes",
     "save_rank_state",
+    "save_towers",
     "seed_rng",
     "set_rng_state",
     "shape_changes",

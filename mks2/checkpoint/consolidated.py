@@ -17,8 +17,10 @@ checkpoint (``mks2/config.json``) rebuilds the model; the tensors come from
 - ``pipeline`` mode: the layer files, mapped by layer index, see ``mks2.checkpoint.pipeline_reader``.
 
 Both modes' checkpoints hold every parameter, frozen ones included (ZeRO-3 stores each rank's
-fragment of the frozen weights in its model-state file; pipeline layer files hold whole layers), so
-nothing is read from ``model.init_from`` or the vision directory's weights. The vision directory's
+fragment of the frozen weights in its model-state file, and rank 0 writes the frozen vision towers,
+which run outside the engine, into ``mks2/vision_towers.safetensors``: ``mks2.checkpoint.towers``;
+pipeline layer files hold whole layers), so nothing is read from ``model.init_from`` or the vision
+directory's weights. The vision directory's
 ``config.json`` (``model.vision.path``) must still exist: it defines the towers' architecture.
 """
 
@@ -35,7 +37,8 @@ from mks2.checkpoint.find import find_checkpoint
 from mks2.checkpoint.metadata import TrainingCheckpoint
 from mks2.checkpoint.pipeline_reader import PipelineSource
 from mks2.checkpoint.safe_load import check_checkpoint_files
-from mks2.checkpoint.tensors import DEFAULT_REFRESH_BYTES, TensorSource, TensorSpec, tensor_specs
+from mks2.checkpoint.tensors import DEFAULT_REFRESH_BYTES, CombinedSource, TensorSource, TensorSpec, tensor_specs
+from mks2.checkpoint.towers import open_towers
 from mks2.checkpoint.zero_reader import ZeroSource
 from mks2.config import ParallelMode, RunConfig
 from mks2.errors import name_mismatch
@@ -63,9 +66,19 @@ class ConsolidatedCheckpoint(TensorSource):
             )
         else:
             self.raw = ZeroSource(ckpt.path, refresh_bytes=refresh_bytes)
+        engine_names = list(self.raw.meta)
+        prefix = max(
+            ENGINE_PREFIXES, key=lambda p: sum(n.startswith(p) and n[len(p) :] in expected for n in engine_names)
+        )
+        towers = open_towers(ckpt.path, prefix)  # zero3: the frozen towers, written from the replica
+        if towers is not None:
+            try:
+                self.raw = CombinedSource(self.raw, towers)
+            except ValueError as exc:
+                self.raw.close()
+                raise CheckpointError(f"{ckpt.path}: {exc}") from exc
         self.description = self.raw.description
         raw_names = list(self.raw.meta)
-        prefix = max(ENGINE_PREFIXES, key=lambda p: sum(n.startswith(p) and n[len(p) :] in expected for n in raw_names))
         self._raw_name = {n[len(prefix) :]: n for n in raw_names if n.startswith(prefix)}
         ours = set(self._raw_name)
         # A tied head may be stored under both names; the embedding owns it.

@@ -90,3 +90,29 @@ class ModuleSource(TensorSource):
 
     def get(self, name: str) -> torch.Tensor:
         return self._tensors[name].detach()
+
+
+class CombinedSource(TensorSource):
+    """Several sources read as one (e.g. DeepSpeed's files and the zero3 towers file); ``meta`` in the
+    sources' order. A name in two of them is an error: which copy is right could not be told."""
+
+    def __init__(self, *sources: TensorSource):
+        self.sources = sources
+        self.description = " + ".join(s.description for s in sources)
+        self.meta: dict[str, TensorSpec] = {}
+        self._owner: dict[str, TensorSource] = {}
+        for source in sources:
+            for name, spec in source.meta.items():
+                if name in self._owner:
+                    raise ValueError(
+                        f"tensor {name!r} is in both {self._owner[name].description} and {source.description}"
+                    )
+                self.meta[name] = spec
+                self._owner[name] = source
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._owner[name].get(name)
+
+    def close(self) -> None:
+        for source in self.sources:
+            source.close()

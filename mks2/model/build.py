@@ -132,7 +132,7 @@ def build_model(
     weight_gather: WeightGather | None = None,
     keep: Collection[str] | None = None,
     read_weights: bool = True,
-    read_vision_weights: bool = True,
+    vision_towers: bool = True,
 ) -> MKS2ForCausalLM:
     """Build the ``MKS2ForCausalLM`` of ``cfg.model.stage``.
 
@@ -144,14 +144,15 @@ def build_model(
 
     ``keep``: build only these layout pieces (a pipeline stage's module paths); the others are on the meta
     device, never read. ``read_weights=False``: walk the HF loading (and its ``weight_gather`` contexts)
-    without reading tensor data (ZeRO-3 ranks other than 0). ``read_vision_weights=False``: allocate the
-    vision towers for loading but read nothing (ZeRO-3: filled from the replicated copy).
+    without reading tensor data (ZeRO-3 ranks other than 0). ``vision_towers=False``: the vision front-end
+    holds its trainable mapping only; the frozen towers are neither built nor read (ZeRO-3: they run in a
+    replicated copy outside the engine). The random init is the same either way.
     """
     m = cfg.model
     if m.init_from:
         apply_config_from_hf(cfg, m.init_from)
     from_hf = bool(load_weights and m.init_from)
-    read_vision = read_vision_weights and (keep is None or "vision" in keep)
+    read_vision = keep is None or "vision" in keep
     with _only(keep) if keep is not None else contextlib.nullcontext():
         model = MKS2ForCausalLM(
             m,
@@ -159,6 +160,7 @@ def build_model(
             load_vision_weights=load_weights,
             weight_gather=weight_gather,
             read_vision_weights=read_vision,
+            vision_towers=vision_towers,
         )
     if from_hf:
         load_hf_llama(model, m.init_from, weight_gather=weight_gather, read=read_weights)

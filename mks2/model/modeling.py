@@ -267,6 +267,7 @@ class MKS2ForCausalLM(nn.Module):
         load_vision_weights: bool = True,
         weight_gather: Any = None,
         read_vision_weights: bool = True,
+        vision_towers: bool = True,
     ):
         super().__init__()
         m = model_cfg
@@ -286,7 +287,11 @@ class MKS2ForCausalLM(nn.Module):
             from mks2.model.vision import VisionFrontEnd
 
             self.vision = VisionFrontEnd(
-                m, load_weights=load_vision_weights, weight_gather=weight_gather, read_weights=read_vision_weights
+                m,
+                load_weights=load_vision_weights,
+                weight_gather=weight_gather,
+                read_weights=read_vision_weights,
+                towers=vision_towers,
             )
             if self.stage == Stage.MVM:
                 from mks2.model.retrieval import RetrievalHead

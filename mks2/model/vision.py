@@ -243,6 +243,14 @@ def _image_processor(info: VisionCheckpointInfo) -> Any:
 
 
 @contextlib.contextmanager
+def _rng_untouched() -> Iterator[None]:
+    """Restore the global RNG (CPU, and the current CUDA device once CUDA is in use) on exit."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+@contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -276,9 +284,15 @@ class VisionFrontEnd(nn.Module):
         load_weights: stream the towers' weights from ``model.vision.path``. False leaves them randomly
             initialised (shape-only builds, e.g. before loading a full checkpoint).
         weight_gather: optional ``params -> context manager`` opened around each tensor copy (ZeRO-3).
-        read_weights: with ``load_weights``, False allocates the towers as for loading (no random init, the
-            global RNG untouched) but reads nothing: their values are copied in afterwards (ZeRO-3: from the
-            replicated frozen copy) or never used (another pipeline stage's).
+        read_weights: with ``load_weights``, False allocates the towers as for loading (no random init) but
+            reads nothing: they are never used (another pipeline stage's).
+        towers: False builds the trainable ``mapping`` alone (``encode``/``pooled`` then refuse): the frozen
+            towers live and run elsewhere (ZeRO-3: a replicated copy outside the engine,
+            ``mks2.training.frozen_vision``), so they are neither allocated nor read here.
+
+    Building the towers never touches the global RNG (their constructors draw ``torch.randn`` for the
+    class / position embeddings even when the weights come from the checkpoint): the random init of
+    everything built after them (``mapping``, retrieval head, MVM, LoRA) is the same with or without them.
     """
 
     def __init__(
@@ -288,9 +302,11 @@ class VisionFrontEnd(nn.Module):
         load_weights: bool = True,
         weight_gather: WeightGather | None = None,
         read_weights: bool = True,
+        towers: bool = True,
     ):
         super().__init__()
         info = read_vision_checkpoint(model_cfg)
+        self.has_towers = towers
         self.info = info
         self.kind = info.kind
         self.num_prefix_tokens = info.num_prefix_tokens
@@ -313,30 +329,37 @@ class VisionFrontEnd(nn.Module):
             stack.enter_context(_default_dtype(tower_dtype))
             return stack
 
-        if info.kind == VisionKind.BLIP2:
-            from transformers import Blip2QFormerModel, Blip2VisionModel
+        def build_towers() -> None:
+            if info.kind == VisionKind.BLIP2:
+                from transformers import Blip2QFormerModel, Blip2VisionModel
 
-            cfg = info.hf_config
-            with tower_ctx(dtype):
-                self.vision_model = Blip2VisionModel(cfg.vision_config)
-            with tower_ctx(torch.float32):  # transformers keeps the Q-Former and queries in fp32 too
-                self.qformer = Blip2QFormerModel(cfg.qformer_config)
-                self.query_tokens = QueryTokens(cfg.num_query_tokens, cfg.qformer_config.hidden_size)
-        else:
-            from transformers import CLIPVisionModel
+                cfg = info.hf_config
+                with tower_ctx(dtype):
+                    self.vision_model = Blip2VisionModel(cfg.vision_config)
+                with tower_ctx(torch.float32):  # transformers keeps the Q-Former and queries in fp32 too
+                    self.qformer = Blip2QFormerModel(cfg.qformer_config)
+                    self.query_tokens = QueryTokens(cfg.num_query_tokens, cfg.qformer_config.hidden_size)
+            else:
+                from transformers import CLIPVisionModel
 
-            with tower_ctx(dtype):
-                self.vision_model = CLIPVisionModel(info.vision_config)
-        for p in self._frozen_parameters():
-            p.requires_grad_(False)
+                with tower_ctx(dtype):
+                    self.vision_model = CLIPVisionModel(info.vision_config)
+            for p in self._frozen_parameters():
+                p.requires_grad_(False)
+
+        if towers:
+            with _rng_untouched():
+                build_towers()
         self.mapping = nn.Linear(self.feature_dim, self.hidden_size, dtype=dtype)  # trainable, default Linear init
-        if load_weights and read_weights:
+        if towers and load_weights and read_weights:
             self._load_towers(weight_gather)
         self.train(self.training)  # puts the towers in eval mode
 
     # ---- structure -----------------------------------------------------------------------
 
     def _frozen_modules(self) -> list[nn.Module]:
+        if not self.has_towers:
+            return []
         if self.kind == VisionKind.BLIP2:
             return [self.vision_model, self.qformer, self.query_tokens]
         return [self.vision_model]
@@ -352,7 +375,8 @@ class VisionFrontEnd(nn.Module):
 
     def extra_repr(self) -> str:
         i = self.info
-        return f"kind={i.kind.value}, path={i.path}, image_size={i.image_size}, prefix_tokens={i.num_prefix_tokens}"
+        out = f"kind={i.kind.value}, path={i.path}, image_size={i.image_size}, prefix_tokens={i.num_prefix_tokens}"
+        return out if self.has_towers else out + ", towers outside"
 
     # ---- loading ---------------------------------------------------------------------------
 
@@ -430,6 +454,11 @@ class VisionFrontEnd(nn.Module):
     # ---- compute ---------------------------------------------------------------------------
 
     def _check_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if not self.has_towers:
+            raise ValueError(
+                f"this vision front-end of {self.info.path} holds the trainable mapping only (towers=False): its "
+                "frozen towers run outside it (mks2.training.frozen_vision.FrozenVision); pass vision_features"
+            )
         s = self.info.image_size
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, s, s):
             raise HFCheckpointError(

@@ -5,19 +5,21 @@
 - ``zero3``: the model is built under ``deepspeed.zero.Init`` (parameters partitioned as each module
   is constructed; HF weights streamed in through ``GatheredParameters``), wrapped in the stage's
   objective module, and handed to ``deepspeed.initialize`` with only the trainable parameters.
-  Only rank 0 reads the HF weights (the others walk the same gathers reading headers only); the frozen
-  vision towers are read once per rank, into the replicated ``FrozenVision`` built first, and the
-  engine's partitioned copy of them (kept because checkpoints of both modes hold every parameter) is
-  filled from rank 0's replica instead of from the files.
+  Only rank 0 reads the HF weights (the others walk the same gathers reading headers only). The frozen
+  vision towers are NOT in that model (``vision_towers=False``: its front-end holds the trainable
+  ``mapping`` alone, checked after ``deepspeed.initialize``): they are read once per rank into the
+  replicated ``FrozenVision`` built first, which runs them, and rank 0 writes them from it into every
+  checkpoint (``mks2.checkpoint.save_towers``), so checkpoints of both modes still hold every parameter.
 - ``pipeline``: the model is built stage-local (``build_model(keep=...)``): each rank materialises and
   reads only its pipeline stage's pieces, the others stay on the meta device; the random init of what it
   keeps equals a full build's (same seed, the RNG advances as in a full build), so initialisation is
   identical to zero3 mode. The stage's LayerSpecs (``task.pipeline``: the layer list and stage split of
   ``mks2.model.pipeline_layout``) then build only this stage's layers; ZeRO-1 across the data-parallel
-  replicas. The vision towers run on the first stage (its own ``vision`` module) and, only when the
-  stage's loss needs the pooled image embedding (``task.vision_on_last_stage``), on the last.
+  replicas. The vision towers are built, read and run on the first stage only (its own ``vision``
+  module); what a later stage needs from them (stage 1's pooled image embedding, the retrieval target)
+  travels with the activations (``task.pipeline_tuples``).
 
-In both modes the frozen vision towers run OUT of the engine (``FrozenVision``, replicated), and
+In both modes the frozen vision towers run OUT of the engine's forward (``FrozenVision``), and
 the optimizer (AdamW; ``torch.optim.AdamW`` on CPU so nothing is JIT-compiled) and our own
 warmup + cosine LambdaLR are built by DeepSpeed from the filled-in config (``ds_config.py``).
 """
@@ -33,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mks2.checkpoint import install_safe_checkpoint_engine
-from mks2.config import Offload, ParallelMode, RunConfig, to_dict
+from mks2.config import Offload, ParallelMode, RunConfig, VisionKind, to_dict
 from mks2.model import apply_config_from_hf
 from mks2.model.dtypes import torch_dtype
 from mks2.model.pipeline_layout import PipelineLayout
@@ -42,7 +44,7 @@ from mks2.training.batch import data_parallel_size, pipeline_stages
 from mks2.training.ds_config import build_ds_config, zero_stage
 from mks2.training.flops import FlopsModel, describe, flops_model
 from mks2.training.frozen_base import check_frozen_base
-from mks2.training.frozen_vision import FrozenVision
+from mks2.training.frozen_vision import FrozenVision, check_towers_outside
 from mks2.training.schedule import build_scheduler
 from mks2.training.task import StageTask
 
@@ -68,6 +70,9 @@ class TrainingEngine:
     llm_params: int = 0  # all LLM parameters (vision towers excluded)
     trainable_params: int = 0
     flops: FlopsModel | None = None  # FLOPs per real token / attention pair / sample (mks2.training.flops)
+    saves_towers: bool = False
+    """zero3 mode with vision: the frozen towers are outside the engine, so each checkpoint gets them from
+    ``vision`` (rank 0, ``mks2.checkpoint.save_towers``); pipeline layer files hold them already."""
 
     @property
     def is_first_stage(self) -> bool:
@@ -179,17 +184,20 @@ def _build_zero3(cfg: RunConfig, task: StageTask, ds_config: dict, dtype: torch.
     # ZeRO-3: rank 0 alone reads the HF weights (GatheredParameters(modifier_rank=0) keeps its values). With
     # zero.Init disabled (parallel.zero_stage < 3) nothing is partitioned and every rank loads its own copy.
     reader = distributed.rank() == 0 or zero_stage(cfg) != 3
-    # The replicated towers first (read once here; fork_rng inside: the model's init is unchanged), so the
-    # engine's partitioned copy is filled from them rather than read a second time.
-    vision = FrozenVision.build(cfg.model, device, dtype)
+    # The frozen towers: one replicated copy per rank, read once here, outside zero.Init and outside the
+    # engine (fork_rng inside: the model's init is unchanged). The model built under zero.Init holds only
+    # the trainable mapping of its vision front-end (vision_towers=False): no tower is partitioned, gathered
+    # at save time or listed in ZeRO's parameter groups; checkpoints get the towers from the replica.
+    has_vision = VisionKind(cfg.model.vision.kind) != VisionKind.NONE
+    vision = FrozenVision.build(cfg.model, device, dtype) if has_vision else None
     # dtype=None: zero.Init then takes it from the config's bf16/fp16 flags (set from train.precision).
     # Passing a dtype explicitly hits an operator-precedence slip in DeepSpeed 0.19 that picks bf16 on CPU.
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_stage(cfg) == 3, dtype=None):
-        model = task.build_model(cfg, weight_gather=gather, read_weights=reader, read_vision_weights=False)
-    if model.vision is not None:
-        _fill_towers(model.vision, vision.front_end, gather, reader)
+        model = task.build_model(cfg, weight_gather=gather, read_weights=reader, vision_towers=False)
     model.set_activation_checkpointing(bool(cfg.train.activation_checkpointing))
     summary = parameter_summary(model)
+    if vision is not None:
+        summary += f"\nfrozen vision towers outside the engine (replicated on every rank): {vision.tower_numel:,}"
     llm_params, trainable = _count(model)
     flops = flops_model(model, recompute=bool(cfg.train.activation_checkpointing))
     summary += "\n" + describe(flops)
@@ -206,6 +214,7 @@ def _build_zero3(cfg: RunConfig, task: StageTask, ds_config: dict, dtype: torch.
         dist_init_required=False,
     )
     install_safe_checkpoint_engine(engine)  # every checkpoint file DeepSpeed loads: weights only
+    check_towers_outside(engine.module)  # raises if a tower parameter is in the engine
     frozen_line = check_frozen_base(engine.module, cfg.parallel.frozen_base)  # raises if replicate did not hold
     if distributed.rank() == 0:
         log.info("%s", frozen_line)
@@ -225,24 +234,8 @@ def _build_zero3(cfg: RunConfig, task: StageTask, ds_config: dict, dtype: torch.
         llm_params=llm_params,
         trainable_params=trainable,
         flops=flops,
+        saves_towers=vision is not None,
     )
-
-
-@torch.no_grad()
-def _fill_towers(front_end: nn.Module, replica: nn.Module, gather: Any, reader: bool) -> None:
-    """Copy the frozen towers of the replicated ``replica`` (a ``FrozenVision``'s front end) into the engine
-    model's ``front_end`` (partitioned under ZeRO-3: rank 0's values are what ``gather`` keeps). Buffers
-    are not partitioned: every rank copies its own replica's."""
-    source = dict(replica.named_parameters()) | dict(replica.named_buffers())
-    for name, param in front_end.named_parameters():
-        if name.startswith("mapping."):
-            continue  # trainable: the model's own (the replica's mapping is an Identity)
-        with gather([param]):
-            if reader:
-                param.data.copy_(source[name].to(device=param.device, dtype=param.dtype))
-    for name, buf in front_end.named_buffers():
-        if name in source:
-            buf.copy_(source[name].to(device=buf.device, dtype=buf.dtype))
 
 
 def _pipeline_stage(stages: int, dp_size: int) -> int:
@@ -257,20 +250,13 @@ def _stage_pieces(layout: PipelineLayout, stage: int, stages: int) -> set[str]:
     return {path for index in layout.stage_layers(stage, stages) for _, path in layout.layer(index).modules}
 
 
-def _stage_vision(
-    cfg: RunConfig, task: StageTask, model: nn.Module, stage: int, stages: int, device: torch.device,
-    dtype: torch.dtype,
-) -> FrozenVision | None:  # fmt: skip
+def _stage_vision(model: nn.Module, stage: int, device: torch.device, dtype: torch.dtype) -> FrozenVision | None:
     """The frozen towers this pipeline stage runs: the first stage's own (its ``vision`` module, whose
-    trainable mapping is in the engine), on the last stage a replica only when its loss needs the pooled
-    image embedding; None elsewhere (middle stages never see a batch)."""
-    if model.vision is None:
+    trainable mapping is in the engine); None on every other stage. What the towers compute for the last
+    stage (stage 1's pooled image embedding, the retrieval target) travels with the activations."""
+    if model.vision is None or stage != 0:
         return None
-    if stage == 0:
-        return FrozenVision(model.vision, device, dtype)
-    if stage == stages - 1 and task.vision_on_last_stage:
-        return FrozenVision.build(cfg.model, device, dtype)
-    return None
+    return FrozenVision(model.vision, device, dtype)
 
 
 def _build_pipeline(
@@ -296,7 +282,7 @@ def _build_pipeline(
     summary += "\n" + describe(flops)
     resolved = to_dict(cfg)
     device = _device()
-    vision = _stage_vision(cfg, task, model, stage, stages, device, dtype)
+    vision = _stage_vision(model, stage, device, dtype)
     spec = task.pipeline(model)
     interval = int(ds_config.get("pipeline", {}).get("activation_checkpoint_interval", 0))
     module = LayoutPipelineModule(  # stage split and checkpointed layers: mks2.model.pipeline_layout

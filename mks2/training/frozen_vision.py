@@ -5,6 +5,12 @@ partitioned vision tower would also be all-gathered on every step for a module t
 So each rank keeps a plain, replicated, frozen copy of the towers and computes, per micro-batch,
 the prefix features (fed to the trainable ``mapping`` inside the engine as ``vision_features``) and
 the pooled CLS embedding (the stage-1 retrieval target). No gradient ever flows here.
+
+zero3 mode: this copy is the ONLY one. The engine's model is built with ``vision_towers=False`` (its
+front-end holds the trainable ``mapping`` alone), :func:`check_towers_outside` proves it after
+``deepspeed.initialize``, and rank 0 writes the towers into every checkpoint from here
+(``mks2.checkpoint.save_towers``). Pipeline mode: the first stage's own front-end (towers and mapping)
+is wrapped here; no other stage builds or reads a tower.
 """
 
 from __future__ import annotations
@@ -40,6 +46,11 @@ class FrozenVision:
     def num_prefix_tokens(self) -> int:
         return self.front_end.num_prefix_tokens
 
+    @property
+    def tower_numel(self) -> int:
+        """Parameters of the frozen towers (the mapping excluded)."""
+        return sum(p.numel() for n, p in self.front_end.named_parameters() if not n.startswith("mapping."))
+
     @torch.no_grad()
     def encode(self, pixel_values: torch.Tensor) -> VisionEncoding:
         """pixel_values [N, 3, H, W] -> features [N, P, F] and pooled [N, E] (no gradient).
@@ -54,4 +65,21 @@ class FrozenVision:
         return VisionEncoding(
             features=enc.features * keep[:, None, None].to(enc.features.dtype),
             pooled=enc.pooled * keep[:, None].to(enc.pooled.dtype),
+        )
+
+
+def tower_parameter_names(module: nn.Module) -> list[str]:
+    """Names of ``module``'s parameters that belong to vision towers: under a ``vision.`` front-end but not
+    its trainable ``mapping`` (whatever wrapper prefixes the names: ``model.``, ``module.``)."""
+    return [n for n, _ in module.named_parameters() if ".vision." in f".{n}" and ".vision.mapping." not in f".{n}"]
+
+
+def check_towers_outside(module: nn.Module) -> None:
+    """Raise if the ZeRO-3 engine's ``module`` holds a tower parameter (it would be partitioned, gathered at
+    every save and listed in ZeRO's groups, while the replicated ``FrozenVision`` is what runs)."""
+    inside = tower_parameter_names(module)
+    if inside:
+        raise RuntimeError(
+            f"{len(inside)} frozen vision tower parameter(s) are inside the ZeRO-3 engine (first: {inside[0]}); "
+            "build the model with vision_towers=False"
         )

@@ -104,10 +104,14 @@ class Trainer:
         if saved_dp != self.te.dp_size:
             self._resume_resharded(tag, trainer_state, int(saved_dp))
             return
+        # A zero3 checkpoint saved while the frozen towers were still inside the engine (no towers file) lists
+        # them in its module state; this engine has none (they come from model.vision.path, as they always did).
+        strict = not self.te.saves_towers or (path / ckpt.CLIENT_DIR / ckpt.TOWERS_FILE).is_file()
         with ckpt.safe_torch_load():  # DeepSpeed readers that bypass its checkpoint engine, too
             load_path, _ = self.engine.load_checkpoint(
-                str(self.save_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-            )
+                str(self.save_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
+                load_module_strict=strict,
+            )  # fmt: skip
         if load_path is None:
             raise ckpt.CheckpointError(f"DeepSpeed could not load {path}")
         rank_state = ckpt.load_rank_state(path, self.rank)
@@ -272,6 +276,8 @@ class Trainer:
         try:
             loader_state = self.loader.state_dict() if self.loader is not None else None
             ckpt.save_rank_state(path, self.rank, loader_state)
+            if self.rank == 0 and self.te.saves_towers:  # zero3: the frozen towers are not in DeepSpeed's files
+                ckpt.save_towers(path, self.te.vision.front_end)
             if self.rank == 0:
                 run = run_layout(self.cfg, distributed.world_size())
                 run.update(world_size=distributed.world_size(), stage=self.task.stage.value)

@@ -7,9 +7,10 @@ modules its layout layer names, under the layout's attribute names, so its ``sta
 layout's pipeline keys (what DeepSpeed writes into ``layer_XX-model_states.pt``).
 
 The tuple passed between stages is ``(hidden [R, S, D], position_ids [R, S], segment_ids [R, S],
-*extra)``: ``extra`` are small tensors the head needs (stage 1: ``ret_eos_index`` [B]; stage 2: none),
-carried through untouched. The first stage receives ``(input_ids, position_ids, segment_ids,
-vision_features, *extra)``.
+*extra)``: ``extra`` are small tensors the head needs, carried through untouched (stage 1: ``ret_eos_index``
+[B] in the padded layout, and the frozen image embedding as int32 bits, which is how the retrieval target
+reaches the last stage without a tower there and without a gradient; stage 2: none). The first stage
+receives ``(input_ids, position_ids, segment_ids, vision_features, *extra)``.
 """
 
 from __future__ import annotations

@@ -131,8 +131,28 @@ class Stage1Objective(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# Pipeline split (mks2.training.pipeline): the stage-1 head and loss; ``ret_eos_index`` is the extra
+# Pipeline split (mks2.training.pipeline): the stage-1 head and loss. The extras carried from the first
+# stage to the head are ``ret_eos_index`` (padded layout only) and the frozen image embedding as int32 bits
 # --------------------------------------------------------------------------------------------
+
+
+def image_emb_to_wire(image_emb: torch.Tensor) -> torch.Tensor:
+    """Frozen, normalised image embeddings [K, E] (fp32) -> int32 [K + 1, E]: the same bits, one zero row
+    appended, to travel with the activations from the first pipeline stage (the only one that runs the
+    towers) to the last (where the retrieval loss needs them).
+
+    Integer, because DeepSpeed's pipeline engine gives every floating-point tensor it receives
+    ``requires_grad`` and sends a gradient back for it: the frozen target would get a gradient towards a
+    stage whose output never required one (an autograd error there). An integer tensor carries no
+    gradient, exactly as the target must not. The extra row keeps the tensor non-empty when a micro-batch
+    holds no pair (K = 0): no zero-element point-to-point send."""
+    emb = image_emb.detach().to(torch.float32).contiguous()
+    return torch.cat([emb, emb.new_zeros(1, emb.shape[-1])]).view(torch.int32)
+
+
+def image_emb_from_wire(bits: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`image_emb_to_wire`: int32 [K + 1, E] -> the fp32 embeddings [K, E], bit for bit."""
+    return bits[:-1].view(torch.float32)
 
 
 class Stage1HeadPipe(HeadPipe):
@@ -141,12 +161,13 @@ class Stage1HeadPipe(HeadPipe):
     retrieval: nn.Module
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        hidden, _, segment_ids, eos = inputs
+        hidden, _, segment_ids, eos, image_bits = inputs
         hidden = self.norm(hidden)  # [2B, S, D]
         n_cap = hidden.shape[0] - eos.shape[0]
         logits = self.lm_head(hidden[:n_cap])  # [B, S, V]
         text_emb = self.retrieval.encode_text(hidden[n_cap:], eos)  # [B, E]
-        return logits, segment_ids[:n_cap], text_emb, self.retrieval.logit_scale.reshape(1)
+        image_emb = image_emb_from_wire(image_bits)  # [B, E], the frozen target (no gradient)
+        return logits, segment_ids[:n_cap], text_emb, self.retrieval.logit_scale.reshape(1), image_emb
 
 
 class Stage1PipeLoss:
@@ -156,8 +177,8 @@ class Stage1PipeLoss:
         self.task = task
 
     def __call__(self, outputs: tuple[torch.Tensor, ...], labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        logits, segment_ids, text_emb, logit_scale = outputs
-        caption_labels, image_emb = labels
+        logits, segment_ids, text_emb, logit_scale, image_emb = outputs
+        (caption_labels,) = labels
         return stage1_loss(
             self.task,
             logits=logits,
@@ -254,17 +275,18 @@ class PackedStage1Objective(Stage1Objective):
 
 class PackedStage1HeadPipe(HeadPipe):
     """Last pipeline layer for packed micro-batches: final norm, LM head and retrieval projection on all
-    [R, S] positions (the loss picks the caption positions and EOS states; labels carry their indices, so
-    nothing of varying shape travels between stages)."""
+    [R, S] positions (the loss picks the caption positions and EOS states; labels carry their indices). The
+    one activation of varying shape is the frozen image embedding of the micro-batch's K pairs."""
 
     retrieval: nn.Module
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        hidden, _, segment_ids = inputs[:3]
+        hidden, _, segment_ids, image_bits = inputs
         hidden = self.norm(hidden)  # [R, S, D]
         logits = self.lm_head(hidden)  # [R, S, V]
         proj = self.retrieval.proj(hidden.to(self.retrieval.proj.weight.dtype))  # [R, S, E]
-        return logits, segment_ids, proj, self.retrieval.logit_scale.reshape(1)
+        image_emb = image_emb_from_wire(image_bits)  # [K, E], the frozen target (no gradient)
+        return logits, segment_ids, proj, self.retrieval.logit_scale.reshape(1), image_emb
 
 
 class PackedStage1PipeLoss:
@@ -274,8 +296,8 @@ class PackedStage1PipeLoss:
         self.task = task
 
     def __call__(self, outputs: tuple[torch.Tensor, ...], labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        logits, segment_ids, proj, logit_scale = outputs
-        caption_labels, image_emb, ret_eos_flat, caption_scale, retrieval_scale = labels
+        logits, segment_ids, proj, logit_scale, image_emb = outputs
+        caption_labels, ret_eos_flat, caption_scale, retrieval_scale = labels
         pred, targets = caption_targets(caption_labels, segment_ids)
         text = proj.reshape(-1, proj.shape[-1])[ret_eos_flat]  # [K, E]
         return packed_stage1_loss(
@@ -298,7 +320,6 @@ def packed(batch: dict[str, torch.Tensor]) -> bool:
 class Stage1Task(StageTask):
     stage = Stage.MVM
     metric_names = ("loss_caption", "loss_retrieval", "retrieval_acc", "logit_scale")
-    vision_on_last_stage = True  # the retrieval target (pooled image embedding) is a last-stage label
 
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
@@ -339,13 +360,16 @@ class Stage1Task(StageTask):
         )
 
     def prepare(self, batch: dict[str, torch.Tensor], vision: Any, device: torch.device) -> dict[str, torch.Tensor]:
+        """``vision`` None: a pipeline stage that runs no tower (the last of several); it needs only the
+        labels, the frozen image embedding reaches it with the activations (:func:`image_emb_to_wire`)."""
         if packed(batch):
             return self._prepare_packed(batch, vision, device)
         stacked = {k: v.to(device, non_blocking=True) for k, v in stack_views(batch).items()}
-        enc = vision.encode(batch["pixel_values"])  # features [B, P, F], pooled [B, E]
-        stacked["vision_features"] = enc.features
-        stacked["image_emb"] = F.normalize(enc.pooled.float(), dim=-1)
         stacked["ret_eos_index"] = batch["ret_eos_index"].to(device)
+        if vision is not None:
+            enc = vision.encode(batch["pixel_values"])  # features [B, P, F], pooled [B, E]
+            stacked["vision_features"] = enc.features
+            stacked["image_emb"] = F.normalize(enc.pooled.float(), dim=-1)
         return stacked
 
     def _prepare_packed(self, batch: dict[str, torch.Tensor], vision: Any, device: torch.device) -> dict[str, Any]:
@@ -354,7 +378,9 @@ class Stage1Task(StageTask):
         out = {k: batch[k].to(device, non_blocking=True) for k in
                ("input_ids", "position_ids", "segment_ids", "labels", "ret_eos_flat")}  # fmt: skip
         pixels = batch.get("pixel_values")
-        if pixels is not None and pixels.shape[0] > 0:
+        if vision is None:
+            pass  # labels only (see prepare)
+        elif pixels is not None and pixels.shape[0] > 0:
             enc = vision.encode(pixels)  # features [K, P, F], pooled [K, E]
             out["vision_features"] = enc.features
             out["image_emb"] = F.normalize(enc.pooled.float(), dim=-1)
@@ -434,12 +460,18 @@ class Stage1Task(StageTask):
         return build_pipeline_spec(model, head=Stage1HeadPipe, loss_fn=Stage1PipeLoss(self))
 
     def pipeline_tuples(self, prepared: dict[str, torch.Tensor]) -> tuple[tuple, tuple]:
+        """(first-stage inputs, last-stage labels). The frozen image embedding rides with the activations
+        as int32 bits (:func:`image_emb_to_wire`); a stage that ran no tower has no inputs to give (DeepSpeed
+        reads the inputs on the first stage only)."""
         p = prepared
-        if "ret_eos_flat" in p:  # packed: fixed [R, S] activations between stages; indices ride with the labels
-            inputs = (p["input_ids"], p["position_ids"], p["segment_ids"], p["vision_features"])
-            return inputs, (p["labels"], p["image_emb"], p["ret_eos_flat"], p["caption_scale"], p["retrieval_scale"])
-        inputs = (p["input_ids"], p["position_ids"], p["segment_ids"], p["vision_features"], p["ret_eos_index"])
-        return inputs, (p["labels"], p["image_emb"])
+        first = "vision_features" in p
+        if "ret_eos_flat" in p:  # packed: [R, S] activations; the caption/EOS indices ride with the labels
+            inputs = (p["input_ids"], p["position_ids"], p["segment_ids"], p["vision_features"],
+                      image_emb_to_wire(p["image_emb"])) if first else ()  # fmt: skip
+            return inputs, (p["labels"], p["ret_eos_flat"], p["caption_scale"], p["retrieval_scale"])
+        inputs = (p["input_ids"], p["position_ids"], p["segment_ids"], p["vision_features"], p["ret_eos_index"],
+                  image_emb_to_wire(p["image_emb"])) if first else ()  # fmt: skip
+        return inputs, (p["labels"],)
 
 
 def packing_problems(cfg: RunConfig) -> list[str]:

@@ -156,9 +156,6 @@ class StageTask(abc.ABC):
     stage: Stage
     metric_names: tuple[str, ...] = ()
     """Per-micro-batch metrics besides ``loss`` averaged into each step's record."""
-    vision_on_last_stage: bool = False
-    """Pipeline mode: whether the last stage's ``prepare`` needs the frozen towers (stage 1: the pooled
-    image embedding is the retrieval target); otherwise only the first stage runs them."""
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -175,7 +172,7 @@ class StageTask(abc.ABC):
 
     def build_model(self, cfg: RunConfig, *, weight_gather=None, **build: Any) -> nn.Module:
         """``build``: ``mks2.model.build_model``'s stage-local / read-once options (``keep``,
-        ``read_weights``, ``read_vision_weights``), set by the engine builder per mode and rank."""
+        ``read_weights``, ``vision_towers``), set by the engine builder per mode and rank."""
         from mks2.model import build_model
 
         return build_model(cfg, weight_gather=weight_gather, **build)
@@ -188,7 +185,9 @@ class StageTask(abc.ABC):
 
     @abc.abstractmethod
     def prepare(self, batch: dict[str, torch.Tensor], vision: Any, device: torch.device) -> dict[str, torch.Tensor]:
-        """Loader batch -> the objective's keyword arguments (on ``device``)."""
+        """Loader batch -> the objective's keyword arguments (on ``device``). ``vision`` (a ``FrozenVision``)
+        is None on a pipeline stage that runs no tower: only the first stage does; the last stage of several
+        gets what the towers computed with the activations (``pipeline_tuples``) and needs only labels."""
 
     @abc.abstractmethod
     def objective(self, model: nn.Module) -> nn.Module:

@@ -36,13 +36,23 @@ def zero3_stage2(stage2_zero3):
 def test_zero3_consolidation_equals_deepspeeds_own_reader(zero3_stage1):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    from mks2.model.vision import VisionFrontEnd
+
     cfg, model = load_consolidated(zero3_stage1, progress=False)
     tag = find_checkpoint(zero3_stage1).tag
     reference = get_fp32_state_dict_from_zero_checkpoint(str(zero3_stage1), tag=tag)  # eager, all in memory
     ours = model.state_dict()
-    assert {k.removeprefix("model.") for k in reference} == set(ours)  # the objective wraps the model as .model
+    in_engine = {k.removeprefix("model.") for k in reference}  # the objective wraps the model as .model
+    towers = {n for n in ours if n.startswith("vision.") and not n.startswith("vision.mapping.")}
+    # The frozen towers ran outside the ZeRO-3 engine (a replicated copy): none of them is in DeepSpeed's
+    # files (a tower parameter inside the engine would be), all of them in rank 0's towers file.
+    assert towers and not towers & in_engine and "vision.mapping.weight" in in_engine
+    assert in_engine | towers == set(ours)
     for key, value in reference.items():
         assert torch.equal(ours[key.removeprefix("model.")], value), key
+    vision_dir = VisionFrontEnd(cfg.model).state_dict()  # the towers as model.vision.path holds them (fp32 run)
+    for name in towers:
+        assert torch.equal(ours[name], vision_dir[name.removeprefix("vision.")]), name
     assert not model.training
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".mvm." in n or n.startswith(("retrieval.", "vision.mapping.")) for n in trainable)

@@ -509,3 +509,25 @@ def test_captioning_loss_counts_caption_tokens_only(tmp_path, kind, blip2_dir, c
     grads = {n for n, q in model.named_parameters() if q.grad is not None and q.grad.abs().sum() > 0}
     assert "vision.mapping.weight" in grads and any(".mvm." in n for n in grads)
     assert not any(n.startswith("vision.") and not n.startswith("vision.mapping.") for n in grads)
+
+
+@pytest.mark.parametrize("kind", ["blip2", "clip"])
+def test_mapping_only_front_end_has_no_tower_and_the_same_init(kind, blip2_dir, clip_dir):
+    """towers=False (zero3: the towers run in a replicated copy outside the engine): nothing but the mapping
+    is built, encode refuses, and the random init of what follows the towers is the one a full build gives
+    (their constructors draw torch.randn: the build must not shift the RNG)."""
+    d = (blip2_dir if kind == "blip2" else clip_dir)[0]
+    cfg = model_cfg(kind, d)
+    torch.manual_seed(3)
+    full = VisionFrontEnd(cfg)
+    after_full = torch.rand(4)
+    torch.manual_seed(3)
+    alone = VisionFrontEnd(cfg, towers=False)
+    assert torch.equal(torch.rand(4), after_full)
+    assert [n for n, _ in alone.named_parameters()] == ["mapping.weight", "mapping.bias"]
+    assert torch.equal(alone.mapping.weight, full.mapping.weight)
+    features = torch.randn(2, alone.num_prefix_tokens, alone.feature_dim)
+    assert torch.equal(alone(vision_features=features), full(vision_features=features))
+    with pytest.raises(ValueError, match="mapping only"):
+        alone.encode(pixels(1))
+    alone.train()  # no tower to put in eval mode: must not fail

@@ -57,6 +57,12 @@ def _pipeline_step(task, vision, batch):
     spec = task.pipeline(model)
     layers = [s.build() for s in spec.layers]
     inputs, labels = task.pipeline_tuples(task.prepare(batch, vision, CPU))
+    # The last stage of several runs no tower (vision None): it has no inputs to give and the same labels;
+    # the frozen image embedding reaches its head with the activations, as integer bits (no gradient).
+    no_inputs, last_labels = task.pipeline_tuples(task.prepare(batch, None, CPU))
+    assert no_inputs == () and len(last_labels) == len(labels)
+    assert all(torch.equal(a, b) for a, b in zip(labels, last_labels))
+    assert not inputs[-1].is_floating_point()
     for layer in layers:
         inputs = layer(inputs)
     loss = spec.loss_fn(inputs, labels)
