@@ -89,8 +89,9 @@ def _generate(hf, ids, mask, extra, *, use_cache: bool):
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left_padded"])
 def test_cached_generation_equals_uncached_and_training_model(exported, padded):
     model, hf, vision, _ = exported
-    for image in (False, True) if vision else (False,):
-        _check_generation(model, hf, padded=padded, image=image)
+    # With a vision front-end the prompt batch holds an image in row 1 and plain text in row 0, so a
+    # separate text-only run would add nothing but time.
+    _check_generation(model, hf, padded=padded, image=vision)
 
 
 def _check_generation(model, hf, *, padded: bool, image: bool):

@@ -18,11 +18,19 @@ built on the first such forward and rebuilt when a weight is replaced, moved, ca
 place through the parameter (``param.data`` writes are invisible: call ``set_fused_inference`` again).
 Everything else (autograd, training mode, bf16/fp16, forced gates, forward hooks on a projection or an
 expert, a projection replaced by another module type, e.g. peft's) runs the package's own code.
+
+Those checks cost more than a tiny model's decode step gains (a few hundred microseconds for ~30
+weights per layer), so they run when a sequence starts; the decode steps over a key/value cache
+(inside ``reuse_checked_plans``, which the exported model's ``forward`` enters for them) reuse the
+verdict. A weight changed between two decode steps of one sequence would leave that sequence's cached
+keys stale anyway.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -38,12 +46,27 @@ from mks2.model.rope import apply_rotary
 FUSED_DTYPES = (torch.float32, torch.float64)
 
 
+_STATE = threading.local()  # .reuse: whether the running forward reuses the last verdicts (decode step)
+
+
 @dataclass
 class _Plan:
-    """Fused weights of one module and the identity of the tensors they were computed from."""
+    """The verdict of a module's last check: the identity of the tensors its fused weights come from
+    and those weights (None: the fused path does not apply, the module runs its own forward)."""
 
-    key: tuple
-    weights: tuple[torch.Tensor, ...]
+    key: tuple | None
+    weights: tuple[torch.Tensor, ...] | None
+
+
+@contextlib.contextmanager
+def reuse_checked_plans(enabled: bool = True) -> Iterator[None]:
+    """Within: fused modules that were checked before skip their checks (see module docstring)."""
+    previous = getattr(_STATE, "reuse", False)
+    _STATE.reuse = enabled
+    try:
+        yield
+    finally:
+        _STATE.reuse = previous
 
 
 def _version(t: torch.Tensor) -> int:
@@ -82,8 +105,9 @@ def _hooked(m: nn.Module) -> bool:
 
 
 def _usable(owner: nn.Module, modules: list[nn.Module], linears: list[Linear], x: torch.Tensor) -> bool:
-    """Whether ``owner`` may run its fused path on input ``x`` (see module docstring)."""
-    if torch.is_grad_enabled() or owner.training or not getattr(owner, "fused_inference", False):
+    """Whether ``owner`` may run its fused path on input ``x`` (see module docstring; autograd and the
+    on/off switch are checked by ``_fused_weights``)."""
+    if owner.training:
         return False
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return False
@@ -95,13 +119,26 @@ def _usable(owner: nn.Module, modules: list[nn.Module], linears: list[Linear], x
     return x.dtype == w.dtype and w.dtype in FUSED_DTYPES and w.device.type != "meta"
 
 
-def _cached_plan(owner: nn.Module, sources: list[torch.Tensor], build) -> tuple[torch.Tensor, ...]:
-    key = _key(sources)
+def _fused_weights(
+    owner: nn.Module, x: torch.Tensor, check: Callable[[torch.Tensor], list[torch.Tensor] | None], build: Callable
+) -> tuple[torch.Tensor, ...] | None:
+    """``owner``'s fused weights for input ``x``, or None (run the module's own forward).
+
+    ``check(x)`` returns the source tensors when the fused path applies (else None); ``build()`` the
+    fused weights from them. Both are skipped inside ``reuse_checked_plans`` once a verdict exists."""
+    if torch.is_grad_enabled() or not owner.__dict__.get("fused_inference", False):
+        return None
     plan = owner.__dict__.get("_fused_plan")
-    if plan is None or plan.key != key:
-        with torch.no_grad():
+    if plan is not None and getattr(_STATE, "reuse", False):
+        return plan.weights
+    sources = check(x)
+    if sources is None:
+        plan = _Plan(key=None, weights=None)
+    else:
+        key = _key(sources)
+        if plan is None or plan.key != key:
             plan = _Plan(key=key, weights=build())
-        owner.__dict__["_fused_plan"] = plan
+    owner.__dict__["_fused_plan"] = plan
     return plan.weights
 
 
@@ -111,11 +148,15 @@ class FusedAttention(Attention):
     def _projections(self) -> list[Linear]:
         return [self.q_proj, self.k_proj, self.v_proj, self.o_proj]
 
-    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:  # [B, S, D] -> [B, S, D]
+    def _check(self, x: torch.Tensor) -> list[torch.Tensor] | None:
         linears = self._projections()
-        if not _usable(self, linears, linears, x):
+        return _sources(linears) if _usable(self, linears, linears, x) else None
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:  # [B, S, D] -> [B, S, D]
+        weights = _fused_weights(self, x, self._check, self._build)
+        if weights is None:
             return super().forward(x, ctx)
-        qkv_w, o_w = _cached_plan(self, _sources(linears), self._build)
+        qkv_w, o_w = weights
         b, s, _ = x.shape
         hd, kv = self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = F.linear(x, qkv_w).split([self.num_heads * hd, kv, kv], dim=-1)  # [B, S, H*hd | Hkv*hd]
@@ -147,7 +188,7 @@ class FusedDecoderLayer(DecoderLayer):
             return [self.mvm], None
         return [self.mlp, self.mvm], None
 
-    def ffn(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _check(self, u: torch.Tensor) -> list[torch.Tensor] | None:
         experts, router = self._experts()
         linears = [p for e in experts for p in e.projections()]
         modules: list[nn.Module] = [*experts, *linears] + ([router] if router is not None else [])
@@ -156,26 +197,34 @@ class FusedDecoderLayer(DecoderLayer):
             or any(type(e) is not SwiGLU for e in experts)
             or (router is not None and (router.forced_gates is not None or router.weight.dtype != u.dtype))
         ):
+            return None
+        return _sources(linears) + ([router.weight] if router is not None else [])
+
+    def ffn(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weights = _fused_weights(self, u, self._check, self._build)
+        if weights is None:
             return super().ffn(u)
-        sources = _sources(linears) + ([router.weight] if router is not None else [])
-        w_in, w_down, expert_of = _cached_plan(self, sources, lambda: self._build(experts, router))
+        w_in, w_down, expert_of = weights
         g = w_down.shape[1]
         parts = F.linear(u, w_in).split([g, g, w_in.shape[0] - 2 * g], dim=-1)  # [B, S, G | G | E]
         h = F.silu(parts[0]) * parts[1]  # [B, S, G]: every expert's SwiGLU activations side by side
         gates = None
-        if router is not None:
+        if expert_of.numel():  # a router: MoME
             gates = torch.softmax(parts[2], dim=-1)  # [B, S, E], the router's logits came with the matmul
             h = h * gates.index_select(-1, expert_of)  # each activation scaled by its expert's gate
         return F.linear(h, w_down), gates  # [B, S, D]: the down projections and the mixing in one matmul
 
-    def _build(self, experts: list[SwiGLU], router: nn.Module | None) -> tuple[torch.Tensor, ...]:
+    def _build(self) -> tuple[torch.Tensor, ...]:
+        experts, router = self._experts()
         rows = [effective_weight(e.gate_proj) for e in experts] + [effective_weight(e.up_proj) for e in experts]
         if router is not None:
             rows.append(router.weight.detach())
         w_in = torch.cat(rows)  # [2G (+E), D]
         w_down = torch.cat([effective_weight(e.down_proj) for e in experts], dim=1)  # [D, G]
-        sizes = torch.tensor([e.intermediate_size for e in experts], device=w_in.device)
-        expert_of = torch.repeat_interleave(torch.arange(len(experts), device=w_in.device), sizes)  # [G]
+        expert_of = torch.zeros(0, dtype=torch.long, device=w_in.device)  # no router: experts summed
+        if router is not None:
+            sizes = torch.tensor([e.intermediate_size for e in experts], device=w_in.device)
+            expert_of = torch.repeat_interleave(torch.arange(len(experts), device=w_in.device), sizes)  # [G]
         return w_in, w_down, expert_of
 
 
@@ -200,5 +249,5 @@ def set_fused_inference(core: nn.Module, enabled: bool) -> None:
     """Turn the fused path on or off; drops the fused weights (rebuilt on the next no-grad forward)."""
     for layer in _layers(core):
         for m in (layer, layer.self_attn):
-            m.fused_inference = bool(enabled)
+            m.__dict__["fused_inference"] = bool(enabled)
             m.__dict__.pop("_fused_plan", None)

@@ -29,7 +29,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mks2.config.schema import VisionKind
 from mks2.export.remote.configuration_mks2 import MKS2LlamaConfig
-from mks2.export.remote.fused_inference import install_fused_inference, set_fused_inference
+from mks2.export.remote.fused_inference import install_fused_inference, reuse_checked_plans, set_fused_inference
 from mks2.model.dtypes import precision_of
 from mks2.model.modeling import MKS2ForCausalLM
 
@@ -137,17 +137,20 @@ class MKS2LlamaForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache = bool(getattr(self.config, "use_cache", False)) if use_cache is None else use_cache
         if past_key_values is None and use_cache and labels is None and segment_ids is None:
             past_key_values = DynamicCache(config=self.config)
-        out = self.core(
-            input_ids,
-            attention_mask=attention_mask,
-            labels=labels,
-            position_ids=position_ids,
-            segment_ids=segment_ids,
-            pixel_values=pixel_values,
-            vision_features=vision_features,
-            past_key_values=past_key_values,
-            logits_to_keep=logits_to_keep if labels is None else 0,
-        )
+        # A decode step over a cache reuses the fused layers' checks made when the sequence started.
+        decoding = past_key_values is not None and past_key_values.get_seq_length() > 0
+        with reuse_checked_plans(decoding):
+            out = self.core(
+                input_ids,
+                attention_mask=attention_mask,
+                labels=labels,
+                position_ids=position_ids,
+                segment_ids=segment_ids,
+                pixel_values=pixel_values,
+                vision_features=vision_features,
+                past_key_values=past_key_values,
+                logits_to_keep=logits_to_keep if labels is None else 0,
+            )
         logits = out.logits if not logits_to_keep else out.logits[:, -logits_to_keep:]
         return CausalLMOutputWithPast(loss=out.loss, logits=logits, past_key_values=past_key_values)
 
