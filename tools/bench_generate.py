@@ -13,9 +13,11 @@
 2. Times ``generate(do_sample=False, max_new_tokens=min_new_tokens=N)`` with each model's default
    cache (``use_cache`` from its generation_config) for N in ``--new-tokens`` and batch 1 (13-token
    prompt) and batch 8 (prompts of 6..13 tokens, left-padded). Models are interleaved within each
-   repeat (llama, mvm, mome, llama, ...) so machine load drifts hit all of them alike; the figure is
-   the median over repeats of generated tokens (batch x N) per second.
-3. Prints a Markdown table (tokens/s and the ratio to Llama) and one JSON line.
+   repeat (llama, mvm, mome, llama, ...) so machine load drifts hit all of them alike; the figures are
+   the medians over repeats of generated tokens (batch x N) per wall-clock second and per CPU second
+   of this process (``time.process_time``: with one thread, what the work costs; other processes on a
+   loaded machine delay it, and so change the wall-clock figure, far more than its CPU time).
+3. Prints a Markdown table (both rates and their ratios to Llama) and one JSON line.
 
 Targets (issue #14): mvm >= 0.9x and mome >= 0.8x of Llama's tokens/s. ``--threads`` (default 1):
 torch intra-op threads; at these sizes one thread is fastest and least disturbed by other load.
@@ -130,13 +132,14 @@ def prompts(batch: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def time_generate(model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int) -> float:
-    start = time.perf_counter()
+def time_generate(model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """(wall-clock seconds, CPU seconds of this process) of one greedy generate() call."""
+    start, cpu = time.perf_counter(), time.process_time()
     out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                          do_sample=False, pad_token_id=0, eos_token_id=None)  # fmt: skip
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     assert out.shape == (ids.shape[0], ids.shape[1] + new_tokens), out.shape
-    return elapsed
+    return elapsed, cpu
 
 
 def main() -> None:
@@ -157,7 +160,7 @@ def main() -> None:
         inputs = {b: prompts(b, args.vocab) for b in args.batches}
         for model in models.values():  # warm-up: first-call allocations, lazy imports
             time_generate(model, *inputs[args.batches[0]], 4)
-        seconds: dict[tuple[str, int, int], list[float]] = {}
+        seconds: dict[tuple[str, int, int], list[tuple[float, float]]] = {}
         load = os.getloadavg()[0]
         for _ in range(args.repeats):
             for b, n in cases:
@@ -165,21 +168,26 @@ def main() -> None:
                     seconds.setdefault((name, b, n), []).append(time_generate(model, *inputs[b], n))
         load = (load + os.getloadavg()[0]) / 2
 
+    def rate(name: str, b: int, n: int, which: int) -> float:  # tokens per wall (0) or CPU (1) second
+        return b * n / statistics.median(t[which] for t in seconds[(name, b, n)])
+
     rows = []
     for b, n in cases:
-        base = b * n / statistics.median(seconds[("llama", b, n)])
         for name in models:
-            tps = b * n / statistics.median(seconds[(name, b, n)])
+            tps, cps = rate(name, b, n, 0), rate(name, b, n, 1)
             rows.append({"model": name, "batch": b, "new_tokens": n, "tokens_per_s": round(tps, 1),
-                         "vs_llama": round(tps / base, 3)})  # fmt: skip
+                         "vs_llama": round(tps / rate("llama", b, n, 0), 3), "tokens_per_cpu_s": round(cps, 1),
+                         "cpu_vs_llama": round(cps / rate("llama", b, n, 1), 3)})  # fmt: skip
     shape = (f"hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, {args.heads} heads "
              f"({args.kv_heads} kv), vocab {args.vocab}")  # fmt: skip
     cpu = platform.processor() or platform.machine()
     print(f"shape: {shape}; torch {torch.__version__}, {args.threads} threads, {cpu}, {os.cpu_count()} CPUs, "
           f"mean 1-min load {load:.2f}, median of {args.repeats}")  # fmt: skip
-    print("\n| model | batch | new tokens | tokens/s | vs Llama |\n|---|---|---|---|---|")
+    print("\n| model | batch | new tokens | tokens/s | vs Llama | tokens/CPU-s | vs Llama (CPU) |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['batch']} | {r['new_tokens']} | {r['tokens_per_s']} | {r['vs_llama']:.2f}x |")
+        print(f"| {r['model']} | {r['batch']} | {r['new_tokens']} | {r['tokens_per_s']} | {r['vs_llama']:.2f}x "
+              f"| {r['tokens_per_cpu_s']} | {r['cpu_vs_llama']:.2f}x |")  # fmt: skip
     print(json.dumps({"shape": shape, "threads": args.threads, "load": round(load, 2), "rows": rows}))
 
 
