@@ -15,8 +15,8 @@ Workers: ``workers == 1`` encodes in this process; more start that many processe
 loading the tokenizer once. The parent reads the input and keeps at most ``2 * workers`` shards in
 flight, so memory stays bounded whatever the input size. JSONL travels as ``LineBlock``s (a shard's
 lines in one bytes object, counted with C-level calls); decoding, parsing (Arrow's JSON reader for
-caption/text blocks, ``json.loads`` per record otherwise), encoding (one tokenizer call per shard)
-and Arrow building happen in the workers, per batch of records rather than per record.
+caption/text blocks, ``json.loads`` per record otherwise), encoding (a tokenizer call per ~128k
+characters) and Arrow building happen in the workers, per batch of records rather than per record.
 """
 
 from __future__ import annotations

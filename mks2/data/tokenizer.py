@@ -18,11 +18,15 @@ fingerprint the same).
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mks2.data.errors import DataError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # Files of an HF tokenizer directory that change how text is encoded (fingerprinted in this order).
 HF_TOKENIZER_FILES = (
@@ -75,6 +79,16 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def encode_arrays(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``encode_batch`` flattened: (token count of each text int64 [N], the ids of all texts
+        concatenated int32 [sum counts])."""
+        import numpy as np
+
+        encoded = self.encode_batch(texts)
+        counts = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=int(counts.sum()))
+        return counts, ids
+
     def decode(self, ids: Sequence[int]) -> str:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -116,9 +130,40 @@ class SentencePieceTokenizer(Tokenizer):
             raise DataError(f"{model_file}: the sentencepiece model defines no BOS/EOS ids (Llama's has 1 and 2)")
         # Keyed by a fixed name: the same model fingerprints the same wherever it lies and however named.
         self.files = {"tokenizer.model": file_sha256(model_file)}
+        self._buffers = self._buffer_encoder()
+
+    def _buffer_encoder(self):
+        """sentencepiece's batch encoder that returns each text's ids as an int32 buffer (the pybind
+        builds, e.g. 0.2.3) instead of a list of Python ints, or None where this build lacks it or
+        disagrees with ``encode`` on a probe. Its public form (``out_type="numpy"``) wraps every buffer in its own
+        array, which costs more than it saves on short captions; the buffers are joined in one copy."""
+        method = getattr(getattr(self._sp, "_processor", None), "_EncodeAsBufferBatch", None)
+        if method is None:
+            return None
+        probe = ["Hello world, a probe.", "", "zz \u00e9\u00e8 9"]
+
+        # arguments: texts, num_threads, thread_pool, enable_sampling, nbest_size, alpha, add_bos,
+        # add_eos, reverse (sentencepiece_pybind.cc)
+        def encode(texts: list[str]) -> list[Any]:
+            return method(texts, 1, None, False, -1, 0.0, False, False, False)
+
+        try:
+            got = [memoryview(b).cast("B").cast("i").tolist() for b in encode(probe)]
+        except Exception:  # a build whose private signature differs: use the public list API
+            return None
+        return encode if got == self._sp.encode(probe, num_threads=1) else None
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self._sp.encode(list(texts), num_threads=1)
+
+    def encode_arrays(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        if self._buffers is None or not texts:
+            return super().encode_arrays(texts)
+        import numpy as np
+
+        views = list(map(memoryview, self._buffers(list(texts))))  # int32 [n_i] each
+        counts = np.fromiter(map(len, views), dtype=np.int64, count=len(views))
+        return counts, np.frombuffer(b"".join(views), dtype=np.int32)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])

@@ -32,6 +32,13 @@ def test_sentencepiece_file_matches_sentencepiece(sp_model):
     # special markers typed in text stay text: no BOS/EOS ids appear
     assert not {1, 2} & set(tok.encode("literal </s> and <s> markers"))
     assert tok.decode(tok.encode("the red circle")) == "the red circle"
+    # the flat form pretokenize uses (int32 buffers where sentencepiece has them) gives the same ids
+    # a build with the buffer encoder (pybind, e.g. 0.2.3) must be using it; others fall back to lists
+    assert (tok._buffers is not None) == hasattr(getattr(ref, "_processor", None), "_EncodeAsBufferBatch")
+    counts, ids = tok.encode_arrays(SAMPLES)
+    assert counts.tolist() == [len(ref.encode(s)) for s in SAMPLES] and ids.dtype.name == "int32"
+    assert ids.tolist() == [i for s in SAMPLES for i in ref.encode(s)]
+    assert pickle.loads(pickle.dumps(tok)).encode_arrays(SAMPLES)[1].tolist() == ids.tolist()
 
 
 def test_hf_llama_directory_encodes_like_sentencepiece(sp_model, hf_llama_dir):
