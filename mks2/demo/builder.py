@@ -1,6 +1,7 @@
 """Build the demo world into a cache directory: images, raw JSONL, evaluation sets, tokenizer, vision
 tower and pretokenized shards. Deterministic (fixed seeds, single-threaded trainers, no timestamps in
-our files) and safe under concurrency (an exclusive file lock; others wait, then reuse).
+our files) and safe under concurrency (an exclusive file lock; others wait, then reuse; a build in use is
+held shared, so pruning never deletes it under a running job).
 
 Layout of ``<cache_dir>/demo-v<VERSION>-<fingerprint>/`` (``no_leak`` world) or
 ``<cache_dir>/demo-v<VERSION>-paper-<fingerprint>/`` (``paper`` world; see ``world.WORLDS``); the fingerprint
@@ -153,17 +154,44 @@ def ensure_built(
     concurrent caller waits on the lock and then reuses the finished build."""
     cache = Path(cache_dir).expanduser().resolve()
     root = cache / build_dir_name(world)
+    lock = cache / f".{root.name}.lock"
+    _hold_in_use(lock)
     if is_complete(root):
         return root, False
-    with exclusive_lock(cache / f".{root.name}.lock"):
-        if is_complete(root):  # built by whoever held the lock before us
-            return root, False
-        if root.exists():
-            log.warning("demo: removing interrupted build %s", root)
-            shutil.rmtree(root)
-        build(root, progress=progress, world=world)
-    prune_old_builds(cache, keep=KEEP_BUILDS, current=root)
-    return root, True
+    _release_in_use(lock)  # our own shared lock would block our exclusive one (flock: per open file)
+    with exclusive_lock(lock):
+        built = not is_complete(root)  # else built by whoever held the lock before us
+        if built:
+            if root.exists():
+                log.warning("demo: removing interrupted build %s", root)
+                shutil.rmtree(root)
+            build(root, progress=progress, world=world)
+    _hold_in_use(lock)
+    if built:
+        prune_old_builds(cache, keep=KEEP_BUILDS, current=root)
+    return root, built
+
+
+_IN_USE: dict[Path, int] = {}
+"""Lock file -> the descriptor of this process's shared ``flock`` on it, held until the process exits: a
+build in use (a training run, an experiment between its stages) is never pruned by a build of another
+source version (``prune_old_builds`` skips a build whose lock it cannot take exclusively)."""
+
+
+def _hold_in_use(lock: Path) -> None:
+    """Take (once per process) a shared lock on ``lock``, waiting while a builder holds it exclusively."""
+    if lock not in _IN_USE:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        _IN_USE[lock] = fd
+
+
+def _release_in_use(lock: Path) -> None:
+    fd = _IN_USE.pop(lock, None)
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 KEEP_BUILDS = 4
@@ -174,7 +202,8 @@ for a while, not forever."""
 
 def prune_old_builds(cache: Path, *, keep: int, current: Path) -> list[Path]:
     """Delete the complete ``demo-v*`` builds in ``cache`` beyond the ``keep`` newest (``current`` is never
-    deleted, nor a build whose lock another process holds: one being rebuilt). Returns the deleted ones."""
+    deleted, nor a build whose lock another process holds: one being rebuilt, or in use by a running job,
+    which holds it shared from ``ensure_built`` on). Returns the deleted ones."""
     builds = sorted(
         (d for d in cache.glob("demo-v*-*") if d.is_dir() and is_complete(d) and d != current),
         key=lambda d: (d / MARKER).stat().st_mtime,

@@ -38,3 +38,26 @@ def test_prune_skips_a_build_whose_lock_is_held(tmp_path):
     finally:
         os.close(fd)
     assert busy.is_dir()
+
+
+def test_a_build_in_use_by_a_running_job_is_not_pruned(tmp_path, monkeypatch):
+    """ensure_built keeps a shared lock on the build it returns for the process's life: a newer build of
+    another source version (another checkout, a CI run) must not delete the data under a running job."""
+    from mks2.demo import builder
+
+    def fake_build(root, *, progress=True, world="no_leak"):
+        (root / "shards").mkdir(parents=True)
+        (root / MARKER).write_text("{}")
+        os.utime(root / MARKER, (100, 100))  # older than the build below
+
+    monkeypatch.setattr(builder, "build", fake_build)
+    root, built = builder.ensure_built(tmp_path, progress=False)
+    lock = tmp_path / f".{root.name}.lock"
+    try:
+        assert built and lock in builder._IN_USE
+        assert builder.ensure_built(tmp_path, progress=False) == (root, False)  # reuse: no self-deadlock
+        newer = _build(tmp_path, "demo-v9-newer", 300)
+        assert prune_old_builds(tmp_path, keep=1, current=newer) == [] and root.is_dir()
+    finally:
+        builder._release_in_use(lock)
+    assert prune_old_builds(tmp_path, keep=1, current=newer) == [root]  # once the job is gone it may go
