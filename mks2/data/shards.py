@@ -69,9 +69,10 @@ def serialize_shard(
             hi = min(lo + BATCH_ROWS, len(lengths))
             o = offsets[lo : hi + 1]
             base = o[0]
+            rel = _numpy_array(o - base, pa.int32())
             cols = [
-                pa.ListArray.from_arrays(pa.array(o - base), pa.array(values[base : o[-1]])),
-                pa.ListArray.from_arrays(pa.array(o - base), pa.array(mask[base : o[-1]])),
+                pa.ListArray.from_arrays(rel, _numpy_array(values[base : o[-1]], pa.int32())),
+                pa.ListArray.from_arrays(rel, _numpy_array(mask[base : o[-1]], pa.int8())),
             ]
             if images is not None:
                 cols.append(_string_array(images[lo:hi]))
@@ -79,11 +80,30 @@ def serialize_shard(
     return sink.getvalue().to_pybytes()
 
 
+def _numpy_array(arr: np.ndarray, typ: pa.DataType) -> pa.Array:
+    """``pa.array(arr)`` of a 1-D numpy array of ``typ`` (zero-copy, no nulls) without ``pa.array``'s
+    pandas probe, which imports pandas (1-2 s) in every pretokenize worker at its first shard."""
+    return pa.Array.from_buffers(typ, len(arr), [None, pa.py_buffer(np.ascontiguousarray(arr))])
+
+
 def _string_array(values: list[str | None]) -> pa.Array:
     """``pa.array(values, type=pa.string())`` without its cost: with an explicit type pyarrow 26
     converts ~80x slower (~4 us a string) than when it infers the type, which made the image column
-    the largest per-record cost of a caption shard. Same buffers either way; the explicit type is
-    kept for lists inference cannot type as string (all None, or empty)."""
+    the largest per-record cost of a caption shard. A list of strings only (every caption shard) is
+    built from its UTF-8 bytes and offsets directly, which also skips ``pa.array``'s pandas import;
+    otherwise inference, then the explicit type for lists inference cannot type as string (all None,
+    or empty). Same buffers every way (the golden test pins the bytes)."""
+    if values and None not in values:
+        try:
+            encoded = [v.encode("utf-8") for v in values]
+        except (AttributeError, UnicodeEncodeError):  # not a str, or a lone surrogate: pa.array decides
+            encoded = None
+        if encoded is not None:
+            offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+            np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)), out=offsets[1:])
+            if offsets[-1] <= np.iinfo(np.int32).max:
+                buffers = [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(b"".join(encoded))]
+                return pa.Array.from_buffers(pa.string(), len(encoded), buffers)
     arr = pa.array(values)
     return arr if arr.type == pa.string() else pa.array(values, type=pa.string())
 
