@@ -39,6 +39,8 @@ def test_sentencepiece_file_matches_sentencepiece(sp_model):
     assert counts.tolist() == [len(ref.encode(s)) for s in SAMPLES] and ids.dtype.name == "int32"
     assert ids.tolist() == [i for s in SAMPLES for i in ref.encode(s)]
     assert pickle.loads(pickle.dumps(tok)).encode_arrays(SAMPLES)[1].tolist() == ids.tolist()
+    tok._buffers = None  # the list fallback (other sentencepiece builds, HF tokenizers) agrees
+    assert [a.tolist() for a in tok.encode_arrays(SAMPLES)] == [counts.tolist(), ids.tolist()]
 
 
 def test_hf_llama_directory_encodes_like_sentencepiece(sp_model, hf_llama_dir):
