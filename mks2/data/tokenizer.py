@@ -55,6 +55,15 @@ def _fingerprint(files: dict[str, str]) -> str:
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
+def flatten_ids(encoded: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Id lists -> (token count of each int64 [N], all ids concatenated int32 [sum counts])."""
+    import numpy as np
+
+    counts = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+    ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=int(counts.sum()))
+    return counts, ids
+
+
 class Tokenizer:
     """Uniform interface. Attributes: ``path``, ``backend`` (``sentencepiece`` or ``hf``),
     ``vocab_size``, ``bos_id``, ``eos_id``, ``pad_id`` (None when the tokenizer has none),
@@ -82,12 +91,7 @@ class Tokenizer:
     def encode_arrays(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """``encode_batch`` flattened: (token count of each text int64 [N], the ids of all texts
         concatenated int32 [sum counts])."""
-        import numpy as np
-
-        encoded = self.encode_batch(texts)
-        counts = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-        ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=int(counts.sum()))
-        return counts, ids
+        return flatten_ids(self.encode_batch(texts))
 
     def decode(self, ids: Sequence[int]) -> str:  # pragma: no cover - abstract
         raise NotImplementedError
