@@ -38,6 +38,7 @@ EXTRAS = {
     "monitor": ["tensorboard>=2.14", "wandb>=0.16"],  # train.tensorboard / train.wandb (requirements-ci.txt pins both)
     "dev": [
         "pytest>=7",
+        "pytest-xdist>=3.5",  # the README test command runs -n 2 --dist loadgroup (tests/scheduling.py)
         "ruff>=0.4",
         "datasets>=2.16",
         "peft>=0.10",

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from tests.launching import metrics, run, run_stage2, tail
+from tests.scheduling import order_for_workers
 from tests.tiny import PIPELINE, STAGE1_ARGS
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the xdist_group marks into scopes
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # only under xdist: a plain run keeps the file order
+        order_for_workers(items)
 
 
 @pytest.fixture(scope="session")
@@ -19,7 +26,12 @@ def demo_cache(tmp_path_factory) -> Path:
     from mks2.demo import ensure_built
 
     env = os.environ.get("MKS2_DEMO_CACHE")
-    cache = Path(env).expanduser() if env else tmp_path_factory.mktemp("demo_cache")
+    if env:
+        cache = Path(env).expanduser()
+    elif os.environ.get("PYTEST_XDIST_WORKER"):  # one build for all workers (ensure_built locks; others wait)
+        cache = tmp_path_factory.getbasetemp().parent / "demo_cache"
+    else:
+        cache = tmp_path_factory.mktemp("demo_cache")
     ensure_built(cache, progress=False)
     return cache
 
