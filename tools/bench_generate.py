@@ -153,6 +153,7 @@ def main() -> None:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         dirs = export_all(args, workdir)
+        # trust_remote_code below: every directory was just written by export_all (our own bundled code).
         models = {
             name: AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True).eval() for name, d in dirs.items()
         }

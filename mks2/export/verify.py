@@ -110,6 +110,8 @@ def load_export(directory: Path, *, llama: bool, dtype: torch.dtype, progress: b
         hf_logging.disable_progress_bar()
     if llama:
         return LlamaForCausalLM.from_pretrained(str(directory), dtype=dtype).eval()
+    # Only ever the directory convert() has just written (its code is this package's generated bundle): the
+    # user's own directories go through mks2.eval.remote_code's check before any of their code runs.
     return AutoModelForCausalLM.from_pretrained(str(directory), trust_remote_code=True, dtype=dtype).eval()
 
 
