@@ -278,8 +278,23 @@ def _fmt(x: dict) -> str:
     return "-" if not x else f"{x['acc']:.1%} ± {x['se']:.1%}"
 
 
+def paired_over_seeds(a: list[float], b: list[float]) -> dict[str, float] | None:
+    """Mean per-seed difference a - b and its standard error over seeds (sd / sqrt(k), k >= 2 seeds), or None
+    for one seed. Variants of one seed share its base LM and stage 1, so their difference is paired; and the
+    questions about one object are not independent trials (three wordings of one colour question), which
+    the seeds x questions SE ignores, so this one, though estimated from few seeds, is the honest check."""
+    k = len(a)
+    if k < 2 or len(b) != k:
+        return None
+    d = [x - y for x, y in zip(a, b)]
+    mean = sum(d) / k
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (k - 1))
+    return {"diff": mean, "se": sd / math.sqrt(k), "seeds": k}
+
+
 def comparisons(agg: dict) -> list[str]:
-    """MKS2 against the baselines on held-out questions, in standard errors of the difference."""
+    """MKS2 against the baselines on held-out questions, in standard errors of the difference: over seeds x
+    questions, and paired over seeds."""
     lines = []
     if "mks2" not in agg:
         return lines
@@ -290,7 +305,14 @@ def comparisons(agg: dict) -> list[str]:
         b = agg[v]["heldout"]["all"]
         se = math.sqrt(a["se"] ** 2 + b["se"] ** 2)
         d = a["acc"] - b["acc"]
-        lines.append(f"MKS2 - {_label(v)} on held-out: {d:+.1%} ({d / se:+.1f} SE of the difference)")
+        line = f"MKS2 - {_label(v)} on held-out: {d:+.1%} ({d / se:+.1f} SE of the difference over seeds x questions"
+        p = paired_over_seeds(a["per_seed"], b["per_seed"])
+        if p is None:
+            line += "; one seed, no SE over seeds)"
+        else:
+            t = p["diff"] / p["se"] if p["se"] > 0 else math.inf
+            line += f"; paired over {p['seeds']} seeds {p['diff']:+.1%} ± {p['se']:.1%}, {t:+.1f} SE)"
+        lines.append(line)
     return lines
 
 

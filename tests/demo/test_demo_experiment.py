@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from tests.launching import REPO
+from tools.demo_experiment import paired_over_seeds
 
 
 def test_demo_experiment_command_end_to_end(tmp_path, demo_cache):
@@ -19,7 +20,7 @@ def test_demo_experiment_command_end_to_end(tmp_path, demo_cache):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-3000:])
     assert "| MKS2 |" in res.stdout and "| INST-LoRA |" in res.stdout and "| chance |" in res.stdout
-    assert "MKS2 - INST-LoRA on held-out:" in res.stdout and " ± " in res.stdout
+    assert "MKS2 - INST-LoRA on held-out:" in res.stdout and " ± " in res.stdout and "no SE over seeds" in res.stdout
     results = json.loads((out / "no_leak" / "results.json").read_text())
     assert results["world"] == "no_leak" and results["seeds"] == [1234]
     agg = results["aggregate"]
@@ -31,3 +32,10 @@ def test_demo_experiment_command_end_to_end(tmp_path, demo_cache):
     assert (seed_dir / "stage2_inst_lora" / "latest").is_file() and (seed_dir / "base_lm" / "config.json").is_file()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)  # finished stages are reused
     assert again.returncode == 0 and "[1] stage" not in again.stdout and "[2] stage 2" not in again.stdout
+
+
+def test_paired_difference_over_seeds():
+    """Mean of the per-seed differences and sd / sqrt(k): by hand, diffs 0.1, 0.2, 0.3 -> 0.2 ± 0.1/sqrt(3)."""
+    p = paired_over_seeds([0.5, 0.6, 0.7], [0.4, 0.4, 0.4])
+    assert abs(p["diff"] - 0.2) < 1e-12 and abs(p["se"] - 0.1 / 3**0.5) < 1e-12 and p["seeds"] == 3
+    assert paired_over_seeds([0.5], [0.4]) is None
