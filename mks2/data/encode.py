@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from mks2.data.chat import Piece
 from mks2.data.errors import BadRecord
 from mks2.data.formats import KIND_HAS_IMAGE, normalize_image_path, parse_payload, record_pieces
 from mks2.data.records import InputFile, LineBlock, RecordProblem, location
 from mks2.data.shards import serialize_shard, sha256_bytes, shard_name
-from mks2.data.tokenizer import Tokenizer, flatten_ids
+from mks2.data.tokenizer import Tokenizer, flatten_ids, frame_ids
 from mks2.fileio import atomic_write_bytes
 
 # Bad records listed by name per shard (and in the manifest); the rest are only counted.
@@ -89,6 +90,24 @@ def encode_flat(tokenizer: Tokenizer, texts: Sequence[str]) -> tuple[np.ndarray,
     """Token counts int64 [N] and the ids of all texts concatenated, int32 [sum counts]. One tokenizer
     call per ~``ENCODE_CHUNK_CHARS`` characters, each flattened at once: encoding a whole shard in one
     call kept ~1.4M int objects alive and ran the tokenizer ~12% slower."""
+    # Any object with encode_batch is a tokenizer here (the evaluator's and tests' duck-typed ones too).
+    encode = getattr(tokenizer, "encode_arrays", None) or (lambda chunk: flatten_ids(tokenizer.encode_batch(chunk)))
+    return _encode_chunked(texts, encode)
+
+
+def encode_framed(tokenizer: Tokenizer, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Token counts int64 [N] (BOS/EOS not counted) and every text as ``BOS ids EOS``, concatenated:
+    int32 [sum counts + 2 N]. Chunked like ``encode_flat``; sentencepiece frames the texts itself."""
+    encode = getattr(tokenizer, "encode_framed", None)
+    if encode is None:  # a duck-typed tokenizer
+        counts, ids = encode_flat(tokenizer, texts)
+        return counts, frame_ids(counts, ids, tokenizer.bos_id, tokenizer.eos_id)
+    return _encode_chunked(texts, encode)
+
+
+def _encode_chunked(texts: Sequence[str], encode) -> tuple[np.ndarray, np.ndarray]:
+    """``encode(chunk) -> (counts [n], ids)`` over chunks of ~``ENCODE_CHUNK_CHARS`` characters of
+    ``texts``, concatenated: (counts int64 [N], ids int32)."""
     if not texts:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int32)
     chars = np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)))  # [N]
@@ -97,8 +116,6 @@ def encode_flat(tokenizer: Tokenizer, texts: Sequence[str]) -> tuple[np.ndarray,
     marks = np.arange(ENCODE_CHUNK_CHARS, int(chars[-1]), ENCODE_CHUNK_CHARS)
     cuts = np.unique(np.searchsorted(chars, marks, side="right")).tolist()
     bounds = [0, *(c for c in cuts if 0 < c < len(texts)), len(texts)]
-    # Any object with encode_batch is a tokenizer here (the evaluator's and tests' duck-typed ones too).
-    encode = getattr(tokenizer, "encode_arrays", None) or (lambda chunk: flatten_ids(tokenizer.encode_batch(chunk)))
     counts: list[np.ndarray] = []
     ids: list[np.ndarray] = []
     with _cyclic_gc_paused():
@@ -165,28 +182,25 @@ def encode_fixed(
     the caption and text kinds, encoded in a few tokenizer calls and assembled with whole-array numpy
     operations instead of a Python loop per record: (lengths int64 [R], values int32 [T], loss_mask
     int8 [T])."""
-    text_len, flat = encode_flat(tokenizer, texts)  # [R], [sum text_len]
-    prefix = 2 if with_image else 1
-    lengths = text_len + (prefix + 1)
+    text_len, framed = encode_framed(tokenizer, texts)  # [R], [sum text_len + 2 R]: BOS text EOS each
+    lengths = text_len + (3 if with_image else 2)
     ends = np.cumsum(lengths)  # [R] one past each row's EOS
     starts = ends - lengths
     total = int(ends[-1]) if len(ends) else 0
     mask = np.ones(total, dtype=np.int8)  # loss on the text and EOS, not on BOS or the image
     mask[starts] = 0
-    if with_image:
-        mask[starts + 1] = 0
-    token_is_text = mask.astype(bool)  # [T]
-    token_is_text[ends - 1] = False
+    if not with_image:
+        return lengths, framed, mask
+    mask[starts + 1] = 0
     values = np.empty(total, dtype=np.int32)
-    values[token_is_text] = flat  # the text tokens fill the rows in order
-    values[starts] = tokenizer.bos_id
-    if with_image:
-        values[starts + 1] = image_token_id
-    values[ends - 1] = tokenizer.eos_id
+    from_framed = mask.view(bool).copy()  # [T] every token but the image placeholders
+    from_framed[starts] = True
+    values[from_framed] = framed
+    values[starts + 1] = image_token_id
     return lengths, values, mask
 
 
-def _read_block_columns(block: LineBlock, names: Sequence[str]) -> list[list[str]] | None:
+def _read_block_columns(block: LineBlock, names: Sequence[str]) -> list[pa.StringArray] | None:
     """The string columns ``names`` of every record of ``block`` parsed by Arrow's C++ JSON reader, or
     None when the block holds anything the per-record path (Python's ``json.loads``, whose verdict
     defines a bad record) might judge differently: a parse error, a byte order mark (Arrow skips it,
@@ -205,7 +219,6 @@ def _read_block_columns(block: LineBlock, names: Sequence[str]) -> list[list[str
             data.decode("utf-8")
         except UnicodeDecodeError:
             return None
-    import pyarrow as pa
     import pyarrow.json as pj
 
     schema = pa.schema([(n, pa.string()) for n in names])
@@ -220,32 +233,78 @@ def _read_block_columns(block: LineBlock, names: Sequence[str]) -> list[list[str
         return None
     if table.num_rows != block.records:
         return None
-    columns = [table.column(n) for n in names]
+    columns = [table.column(n).combine_chunks() for n in names]
     if any(c.null_count for c in columns):
         return None
-    return [c.to_pylist() for c in columns]
+    return columns
 
 
-def _fast_fixed_block(s: EncodeSettings, block: LineBlock) -> tuple[list[str], list[str] | None] | None:
+# First UTF-8 byte of every character that ``str.isspace`` accepts (the ASCII ones, U+0085, U+00A0,
+# U+1680, U+2000-U+200A, U+2028, U+2029, U+202F, U+205F, U+3000; tests check the set): a string
+# whose first byte is none of these is not whitespace only.
+_SPACE_LEAD_BYTES = np.array([0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x1C, 0x1D, 0x1E, 0x1F, 0x20, 0xC2, 0xE1, 0xE2, 0xE3])
+
+
+def _string_views(arr: pa.StringArray) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets int32 [n + 1], UTF-8 bytes uint8) of a string array without nulls: numpy views of
+    its buffers."""
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32, count=len(arr) + 1, offset=4 * arr.offset)
+    data = arr.buffers()[2]
+    return offsets, np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
+
+
+def _first_bytes(arr: pa.StringArray) -> np.ndarray | None:
+    """The first UTF-8 byte of every string of ``arr`` (uint8 [n]), or None when one is empty."""
+    offsets, data = _string_views(arr)
+    starts = offsets[:-1]
+    if (offsets[1:] == starts).any():
+        return None
+    return data[starts]
+
+
+def _fixed_images(s: EncodeSettings, images: pa.StringArray) -> pa.StringArray | list[str] | None:
+    """The image column of a caption block as ``record_pieces`` would take it, or None when a path is
+    empty or whitespace only (``get_str``'s "is empty": the per-record path reports it). Stays an
+    Arrow array (no Python string per record, written as is by ``serialize_shard``) unless the images
+    are to be checked or an absolute path is to be made relative to the image root."""
+    first = _first_bytes(images)
+    if first is None:
+        return None
+    # whitespace only: decided by str.isspace for the few whose first character may be a space
+    for k in np.flatnonzero(np.isin(first, _SPACE_LEAD_BYTES)).tolist():
+        if images[k].as_py().isspace():
+            return None
+    absolute = os.name != "posix" or bool((first == ord("/")).any())  # os.path.isabs on POSIX
+    if not s.check_images and not (s.image_root and absolute):
+        return images
+    paths = images.to_pylist()
+    if s.image_root:
+        paths = [normalize_image_path(i, s.image_root) for i in paths]
+    return paths
+
+
+def _fast_fixed_block(
+    s: EncodeSettings, block: LineBlock
+) -> tuple[list[str], pa.StringArray | list[str] | None] | None:
     """(texts, images or None) of a JSONL block of caption/text records when every record is good as
-    far as parsing and fields go (exactly what ``record_pieces`` would return); None sends the block
-    to the per-record path, which reports each bad record by line."""
+    far as parsing and fields go (exactly what ``record_pieces`` would return; the images as an Arrow
+    array where no Python string is needed, see ``_fixed_images``); None sends the block to the
+    per-record path, which reports each bad record by line."""
     if s.kind == "caption":
         got = _read_block_columns(block, [s.fields["image"], s.fields["caption"]])
         if got is None:
             return None
-        images, captions = got
-        texts = list(map(str.strip, captions))
+        image_column, captions = got
+        texts = list(map(str.strip, captions.to_pylist()))
         # an empty field (get_str's "is empty"); str.isspace tests the set str.strip() removes
-        if not all(texts) or not all(images) or any(map(str.isspace, images)):
+        if not all(texts):
             return None
-        if s.image_root:
-            images = [normalize_image_path(i, s.image_root) for i in images]
-        return texts, images
+        images = _fixed_images(s, image_column)
+        return None if images is None else (texts, images)
     got = _read_block_columns(block, [s.fields["text"]])
     if got is None:
         return None
-    texts = got[0]
+    texts = got[0].to_pylist()
     if not all(texts) or any(map(str.isspace, texts)):
         return None
     return texts, None
@@ -303,7 +362,8 @@ def encode_shard(
     positions: list[Any] = []
     texts: list[str] = []  # fixed kinds: the text span of each parsed record
     pieces_list: list[list[Piece]] = []  # other kinds: the pieces of each parsed record
-    images: list[str | None] = []
+    # image column parts in record order: Arrow arrays of fast blocks, lists of single records' images
+    image_parts: list[pa.StringArray | list[str | None]] = []
     where = _locator(s, units)
     pos = 0
     stop = False
@@ -329,11 +389,13 @@ def encode_shard(
                 positions.append(np.arange(pos, pos + len(block_texts), dtype=np.int64))
             texts += block_texts
             if block_images is not None:  # caption; the text kind has no image column
-                images += block_images
+                image_parts.append(block_images)
             pos += unit.records
         else:
             singles: list[int] = []
             positions.append(singles)
+            images: list[str | None] = []
+            image_parts.append(images)
             for fi, number, payload in _unit_records(unit):
                 try:
                     pieces, image = _parse_record(s, payload)
@@ -377,10 +439,7 @@ def encode_shard(
     if not keep.all():
         token_keep = np.repeat(keep, lengths)
         values, mask, lengths = values[token_keep], mask[token_keep], lengths[keep]
-    if not KIND_HAS_IMAGE[s.kind]:
-        out_images = None
-    else:
-        out_images = images if keep.all() else [img for img, k in zip(images, keep) if k]
+    out_images = _image_column(image_parts, keep) if KIND_HAS_IMAGE[s.kind] else None
 
     data = serialize_shard(lengths, values, mask, out_images)
     name = shard_name(index)
@@ -396,9 +455,28 @@ def encode_shard(
         "skipped": len(problems),
         "tokens": int(len(values)),
         "loss_tokens": int(mask.sum(dtype=np.int64)),
-        "images": 0 if out_images is None else len(out_images) - out_images.count(None),
+        "images": _image_count(out_images),
         "max_token_id": max(top, -1),
         "bytes": len(data),
         "sha256": sha256_bytes(data),
         "problems": [f"{at}: {reason}" for _, at, reason in problems[:MAX_LISTED_PROBLEMS]],
     }
+
+
+def _image_column(
+    parts: Sequence[pa.StringArray | list[str | None]], keep: np.ndarray
+) -> pa.StringArray | list[str | None]:
+    """The kept rows' images: one Arrow array when every part is one (the fast path of every block),
+    else a list of str/None (``serialize_shard`` writes the same bytes either way)."""
+    if parts and keep.all() and all(isinstance(p, pa.Array) for p in parts):
+        return parts[0] if len(parts) == 1 else pa.concat_arrays(parts)
+    images = [i for p in parts for i in (p.to_pylist() if isinstance(p, pa.Array) else p)]
+    return images if keep.all() else [img for img, k in zip(images, keep) if k]
+
+
+def _image_count(images: pa.StringArray | list[str | None] | None) -> int:
+    if images is None:
+        return 0
+    if isinstance(images, pa.Array):
+        return len(images) - images.null_count
+    return len(images) - images.count(None)

@@ -51,11 +51,12 @@ def shard_schema(with_image: bool) -> pa.Schema:
 
 
 def serialize_shard(
-    lengths: np.ndarray, values: np.ndarray, mask: np.ndarray, images: list[str | None] | None
+    lengths: np.ndarray, values: np.ndarray, mask: np.ndarray, images: list[str | None] | pa.StringArray | None
 ) -> bytes:
     """Arrow stream bytes of one shard. ``lengths`` [R] tokens per row; ``values`` int32 [T] and
-    ``mask`` int8 [T] the rows' tokens concatenated; ``images`` [R] or None for text kinds.
-    Deterministic: equal inputs give equal bytes."""
+    ``mask`` int8 [T] the rows' tokens concatenated; ``images`` [R] (a list, or a string array as
+    Arrow's JSON reader returns it: the same bytes) or None for text kinds. Deterministic: equal
+    inputs give equal bytes."""
     assert values.dtype == np.int32 and mask.dtype == np.int8 and len(values) == len(mask)
     if len(values) > np.iinfo(np.int32).max:
         raise DatasetError(f"a shard would hold {len(values)} tokens (> 2^31): lower --records-per-shard")
@@ -74,7 +75,9 @@ def serialize_shard(
                 pa.ListArray.from_arrays(rel, _numpy_array(values[base : o[-1]], pa.int32())),
                 pa.ListArray.from_arrays(rel, _numpy_array(mask[base : o[-1]], pa.int8())),
             ]
-            if images is not None:
+            if isinstance(images, pa.Array):  # the IPC writer stores a slice's offsets from 0
+                cols.append(images.slice(lo, hi - lo))
+            elif images is not None:
                 cols.append(_string_array(images[lo:hi]))
             writer.write_batch(pa.record_batch(cols, schema=schema))
     return sink.getvalue().to_pybytes()

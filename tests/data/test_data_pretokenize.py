@@ -385,6 +385,75 @@ def test_clean_jsonl_blocks_skip_the_per_record_path(tmp_path, sp_model, monkeyp
     assert _rows(tmp_path / "mixed") == _rows(tmp_path / "ref")
 
 
+def test_space_lead_bytes_are_those_of_str_isspace():
+    from mks2.data.encode import _SPACE_LEAD_BYTES
+
+    spaces = [chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace()]
+    assert sorted({c.encode()[0] for c in spaces}) == _SPACE_LEAD_BYTES.tolist()
+
+
+# image paths each decided on the fast path's byte-level checks: blank ones are bad records, the
+# others (leading spaces, non-ASCII, absolute inside/outside the image root) are kept exactly as the
+# per-record path keeps them
+TRICKY_IMAGES = [
+    " ",
+    "\u3000",
+    "\u2003 \u00a0",
+    "\u001c",
+    "",
+    " a.png",
+    "\u00a0b.png",
+    "\u2003c.png",
+    "\u00e9.png",
+    "\t",
+    "ROOT/sub/d.png",
+    "/elsewhere/e.png",
+    "f.png",
+]
+
+
+@pytest.mark.parametrize("with_root", [False, True])
+def test_fast_path_judges_image_paths_like_the_per_record_path(tmp_path, sp_model, monkeypatch, with_root):
+    import mks2.data.encode as enc
+
+    root = tmp_path / "root"
+    root.mkdir()
+    recs = caption_records(3 * len(TRICKY_IMAGES), seed=3)
+    lines = []
+    for k, rec in enumerate(recs):  # one tricky path per block of 3 records
+        image = TRICKY_IMAGES[k // 3].replace("ROOT", str(root)) if k % 3 == 1 else rec["image"]
+        lines.append(f'{{"image": "{image}", "caption": {json.dumps(rec["caption"])}}}')
+    src = write_jsonl(tmp_path / "c.jsonl", lines)
+    kw = dict(records_per_shard=3, on_error="skip", image_root=str(root) if with_root else None)
+    fast = _run([src], tmp_path / "fast", sp_model, **kw)
+    monkeypatch.setattr(enc, "_fast_fixed_block", lambda s, block: None)
+    slow = _run([src], tmp_path / "slow", sp_model, **kw)
+    assert fast["counts"]["records_skipped"] == 6  # the six blank paths
+    assert fast["skipped_examples"] == slow["skipped_examples"]
+    assert _shard_bytes(tmp_path / "fast") == _shard_bytes(tmp_path / "slow") and fast["shards"] == slow["shards"]
+    images = [r["image"] for r in _rows(tmp_path / "fast")]
+    assert ("sub/d.png" in images) == with_root and (f"{root}/sub/d.png" in images) != with_root
+    assert " a.png" in images and "/elsewhere/e.png" in images and "\u00e9.png" in images
+
+
+def test_fast_image_column_stays_arrow_unless_strings_are_needed(tmp_path):
+    from mks2.data.encode import EncodeSettings, _fixed_images
+
+    def settings(**kw):
+        base = dict(kind="caption", fields={}, template="llama2", system_prompt=None, image_token="<image>")
+        base |= dict(image_token_id=-200, image_root=None, check_images=False, max_tokens=None, on_error="skip")
+        return EncodeSettings(**(base | dict(files=(), output=str(tmp_path)) | kw))
+
+    col = pa.array(["a.png", "b/c.png"])
+    assert _fixed_images(settings(), col) is col
+    assert _fixed_images(settings(image_root="/r"), col) is col  # relative paths stay as they are
+    assert _fixed_images(settings(image_root="/r"), pa.array(["/r/x.png", "a.png"])) == ["x.png", "a.png"]
+    assert _fixed_images(settings(check_images=True), col) == ["a.png", "b/c.png"]
+    assert _fixed_images(settings(), pa.array(["a.png", ""])) is None
+    assert _fixed_images(settings(), pa.array(["a.png", "\u2028\t"])) is None
+    assert _fixed_images(settings(), pa.array(["a.png", "\u2028x"])) is not None
+
+
 def test_bad_csv_and_parquet_rows_name_their_location(tmp_path, sp_model):
     p = tmp_path / "in.csv"
     p.write_text('image,caption\na.png,fine\nb.png,"two\nlines"\nc.png,too,many\n')

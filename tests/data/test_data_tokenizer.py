@@ -39,8 +39,19 @@ def test_sentencepiece_file_matches_sentencepiece(sp_model):
     assert counts.tolist() == [len(ref.encode(s)) for s in SAMPLES] and ids.dtype.name == "int32"
     assert ids.tolist() == [i for s in SAMPLES for i in ref.encode(s)]
     assert pickle.loads(pickle.dumps(tok)).encode_arrays(SAMPLES)[1].tolist() == ids.tolist()
+    # framed: BOS ids EOS per text, counted without BOS/EOS (sentencepiece adds them itself)
+    framed = [i for s in SAMPLES for i in [1, *ref.encode(s), 2]]
+    assert [a.tolist() for a in tok.encode_framed(SAMPLES)] == [counts.tolist(), framed]
+    # counts read from the buffers when the ids hold another number of EOS ids than texts (a model
+    # whose EOS id is an ordinary piece): here an id that the samples' text pieces contain
+    common = ids[0].item()
+    other = load_tokenizer(sp_model)
+    other.eos_id = common
+    got_counts, got = other.encode_framed(SAMPLES)
+    assert got_counts.tolist() == counts.tolist() and got.tolist() == framed
     tok._buffers = None  # the list fallback (other sentencepiece builds, HF tokenizers) agrees
     assert [a.tolist() for a in tok.encode_arrays(SAMPLES)] == [counts.tolist(), ids.tolist()]
+    assert [a.tolist() for a in tok.encode_framed(SAMPLES)] == [counts.tolist(), framed]
 
 
 def test_hf_llama_directory_encodes_like_sentencepiece(sp_model, hf_llama_dir):
