@@ -25,6 +25,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from mks2.data.errors import PretokenizeError
 
 _SUFFIXES = {
@@ -216,12 +218,19 @@ def is_line_file(f: InputFile) -> bool:
     return f.fmt in ("jsonl", "json") and not f.array
 
 
+# First bytes of the lines that may be blank: ``bytes.isspace``'s set (``bytes.strip()`` removes the
+# same) and the newline itself (an empty line).
+_BLANK_LEAD = np.array([0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x20], dtype=np.uint8)
+
+
 class LineReader:
     """Reads ``LineBlock``s of a JSONL file, ``take(n)`` records at a time. The file is read in chunks
-    of about ``n`` lines, completed to a line end; lines are split and counted with C-level calls
-    (``split``, ``count``, ``map(bytes.isspace)``), so the parent's share of the work stays far below
-    the tokenizer's even for short captions. Work and copies are linear in the file size for any
-    ``n`` (a chunk is sized to the request, and a split stops after ``n`` lines)."""
+    of about ``n`` lines, completed to a line end; each chunk's newlines are located once, with one
+    numpy comparison (no object per line), and a block is cut at the newline that ends its ``n``-th
+    record, so the parent's share of the work stays far below the tokenizer's even for short captions.
+    Blank lines are found among the few lines that start with a whitespace byte. Work and copies are
+    linear in the file size for any ``n`` (a chunk is sized to the request, and its newline positions
+    are kept between requests)."""
 
     MIN_CHUNK, MAX_CHUNK = 1 << 16, 1 << 24
 
@@ -229,7 +238,10 @@ class LineReader:
         self.f, self.file_index = f, file_index
         self.fh = (gzip.open if f.gzipped else open)(f.path, "rb")
         self.lineno = 0  # lines handed out so far
-        self.buf = b""  # whole lines read and not handed out yet (the last may lack its newline at EOF)
+        self.buf = b""  # the current chunk: whole lines (the last may lack its newline at EOF)
+        self._pos = 0  # first byte of ``buf`` not handed out yet
+        self._newlines = np.zeros(0, dtype=np.int64)  # positions of the newlines of ``buf``
+        self._k = 0  # index in ``_newlines`` of the first newline at or after ``_pos``
         self._bytes, self._lines = 0, 0  # read so far: sizes the next chunk
 
     def _fill(self, lines_wanted: int) -> bool:
@@ -242,33 +254,46 @@ class LineReader:
         except (OSError, EOFError, gzip.BadGzipFile) as exc:
             # the line number is the first one not handed out (a chunk fails as a whole)
             raise PretokenizeError(f"{self.f.path}:{self.lineno + 1}: cannot read the file ({exc})") from exc
-        self.buf = data
+        self.buf, self._pos, self._k = data, 0, 0
+        self._newlines = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 0x0A)
         self._bytes += len(data)
-        self._lines += data.count(b"\n")
+        self._lines += len(self._newlines)
         return bool(data)
+
+    def _blank_lines(self, starts: np.ndarray, end: int) -> int:
+        """How many of the lines of ``buf`` that start at ``starts`` (each ending at the next newline,
+        or at ``end``) are empty or whitespace only."""
+        buf = self.buf
+        first = np.frombuffer(buf, dtype=np.uint8)[starts]
+        blank = 0
+        for start in starts[np.isin(first, _BLANK_LEAD)].tolist():
+            stop = buf.find(b"\n", start, end)
+            blank += not buf[start : stop if stop >= 0 else end].strip()
+        return blank
 
     def take(self, n: int) -> LineBlock | None:
         """The next lines up to and including the ``n``-th record (fewer at the end of the file);
         None when no record is left."""
         parts: list[bytes] = []
         count = lines_taken = 0
-        while count < n and (self.buf or self._fill(n - count)):
+        while count < n and (self._pos < len(self.buf) or self._fill(n - count)):
+            buf, newlines, k, pos = self.buf, self._newlines, self._k, self._pos
             need = n - count
-            pieces = self.buf.split(b"\n", need)
-            if len(pieces) > need:  # ``need`` whole lines, then the rest of the buffer
-                lines, rest = pieces[:need], pieces[need]
-            else:  # the whole buffer
-                lines, rest = pieces, b""
-                if lines[-1] == b"":  # it ends with a newline: no line after it
-                    lines.pop()
-            blank = lines.count(b"") + sum(map(bytes.isspace, lines))  # bytes.strip()'s whitespace set
-            parts.append(self.buf[: len(self.buf) - len(rest)] if rest else self.buf)
-            self.buf = rest
-            count += len(lines) - blank
-            lines_taken += len(lines)
+            left = len(newlines) - k  # whole lines left; at EOF a last one may lack its newline
+            if need <= left:  # ``need`` whole lines
+                lines, end = need, int(newlines[k + need - 1]) + 1
+            else:  # the rest of the chunk
+                lines, end = left + (not buf.endswith(b"\n")), len(buf)
+            # line j > 0 of these starts after the newline that ends line j - 1
+            starts = np.concatenate([np.array([pos]), newlines[k : k + lines - 1] + 1])
+            blank = self._blank_lines(starts, end)
+            parts.append(buf if pos == 0 and end == len(buf) else buf[pos:end])
+            self._pos, self._k = end, k + min(lines, left)
+            count += lines - blank
+            lines_taken += lines
         if not parts:
             return None
-        block = LineBlock(self.file_index, self.lineno + 1, b"".join(parts), count)
+        block = LineBlock(self.file_index, self.lineno + 1, parts[0] if len(parts) == 1 else b"".join(parts), count)
         self.lineno += lines_taken
         return block if count else None
 

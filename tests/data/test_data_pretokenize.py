@@ -340,22 +340,26 @@ def test_line_blocks_hold_exactly_the_records_of_the_file(tmp_path, gz, monkeypa
         b'{"a": "x y z"}\r',
         b"{broken",
         b'{"long": "' + b"w" * 300 + b'"}',
+        b'  {"indented": 1}',  # starts with whitespace, not blank
+        b"\x0c",
+        b"\x1c",  # not bytes whitespace: a record
     ]
     lines = [rng.choice(pool) for _ in range(400)]
-    data = b"\n".join(lines) + b'\n{"last": "no newline"}'
-    path = tmp_path / ("in.jsonl.gz" if gz else "in.jsonl")
-    path.write_bytes(gzip.compress(data) if gz else data)
-    (f,) = resolve_inputs([str(path)])
-    expected = list(_iter_jsonl(f))
     monkeypatch.setattr(LineReader, "MIN_CHUNK", 64)  # many chunk boundaries inside the requests
-    for n in (1, 2, 7, 50, 10_000):
-        reader, got, sizes = LineReader(f, 0), [], []
-        while block := reader.take(n):
-            got += list(block.lines())
-            sizes.append(block.records)
-        reader.close()
-        assert got == expected, n
-        assert all(k == n for k in sizes[:-1]) and 0 < sizes[-1] <= n and sum(sizes) == len(expected)
+    for tail in (b'\n{"last": "no newline"}', b"\n  \t"):  # the file ends in a record or a blank line
+        data = b"\n".join(lines) + tail
+        path = tmp_path / ("in.jsonl.gz" if gz else "in.jsonl")
+        path.write_bytes(gzip.compress(data) if gz else data)
+        (f,) = resolve_inputs([str(path)])
+        expected = list(_iter_jsonl(f))
+        for n in (1, 2, 7, 50, 10_000):
+            reader, got, sizes = LineReader(f, 0), [], []
+            while block := reader.take(n):
+                got += list(block.lines())
+                sizes.append(block.records)
+            reader.close()
+            assert got == expected, n
+            assert all(k == n for k in sizes[:-1]) and 0 < sizes[-1] <= n and sum(sizes) == len(expected)
 
 
 def test_clean_jsonl_blocks_skip_the_per_record_path(tmp_path, sp_model, monkeypatch):
