@@ -97,29 +97,38 @@ def encode_flat(tokenizer: Tokenizer, texts: Sequence[str]) -> tuple[np.ndarray,
 
 def encode_framed(tokenizer: Tokenizer, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Token counts int64 [N] (BOS/EOS not counted) and every text as ``BOS ids EOS``, concatenated:
-    int32 [sum counts + 2 N]. Chunked like ``encode_flat``; sentencepiece frames the texts itself."""
+    int32 [sum counts + 2 N]. A tokenizer call per ~``ENCODE_CHUNK_CHARS`` characters like
+    ``encode_flat``; sentencepiece frames the texts itself."""
     encode = getattr(tokenizer, "encode_framed", None)
     if encode is None:  # a duck-typed tokenizer
         counts, ids = encode_flat(tokenizer, texts)
         return counts, frame_ids(counts, ids, tokenizer.bos_id, tokenizer.eos_id)
-    return _encode_chunked(texts, encode)
-
-
-def _encode_chunked(texts: Sequence[str], encode) -> tuple[np.ndarray, np.ndarray]:
-    """``encode(chunk) -> (counts [n], ids)`` over chunks of ~``ENCODE_CHUNK_CHARS`` characters of
-    ``texts``, concatenated: (counts int64 [N], ids int32)."""
     if not texts:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int32)
+    with _cyclic_gc_paused():
+        return encode(texts, _chunks(texts))
+
+
+def _chunks(texts: Sequence[str]) -> list[tuple[int, int]]:
+    """``(lo, hi)`` ranges of ``texts`` of ~``ENCODE_CHUNK_CHARS`` characters each, in order: chunk k
+    ends after the last text that ends within (k + 1) * ENCODE_CHUNK_CHARS characters (at least one
+    text per chunk)."""
     chars = np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)))  # [N]
-    # chunk k ends after the last text that ends within (k + 1) * ENCODE_CHUNK_CHARS characters
-    # (at least one text per chunk)
     marks = np.arange(ENCODE_CHUNK_CHARS, int(chars[-1]), ENCODE_CHUNK_CHARS)
     cuts = np.unique(np.searchsorted(chars, marks, side="right")).tolist()
     bounds = [0, *(c for c in cuts if 0 < c < len(texts)), len(texts)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _encode_chunked(texts: Sequence[str], encode) -> tuple[np.ndarray, np.ndarray]:
+    """``encode(chunk) -> (counts [n], ids)`` over the ``_chunks`` of ``texts``, concatenated:
+    (counts int64 [N], ids int32)."""
+    if not texts:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int32)
     counts: list[np.ndarray] = []
     ids: list[np.ndarray] = []
     with _cyclic_gc_paused():
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
+        for lo, hi in _chunks(texts):
             n, flat = encode(texts[lo:hi])
             counts.append(n)
             ids.append(flat)

@@ -52,11 +52,11 @@ def shard_schema(with_image: bool) -> pa.Schema:
 
 def serialize_shard(
     lengths: np.ndarray, values: np.ndarray, mask: np.ndarray, images: list[str | None] | pa.StringArray | None
-) -> bytes:
-    """Arrow stream bytes of one shard. ``lengths`` [R] tokens per row; ``values`` int32 [T] and
-    ``mask`` int8 [T] the rows' tokens concatenated; ``images`` [R] (a list, or a string array as
-    Arrow's JSON reader returns it: the same bytes) or None for text kinds. Deterministic: equal
-    inputs give equal bytes."""
+) -> pa.Buffer:
+    """Arrow stream bytes of one shard, as a ``pa.Buffer`` (bytes-like: ``len``, hashing and file
+    writes take it as is). ``lengths`` [R] tokens per row; ``values`` int32 [T] and ``mask`` int8 [T]
+    the rows' tokens concatenated; ``images`` [R] (a list, or a string array as Arrow's JSON reader
+    returns it: the same bytes) or None for text kinds. Deterministic: equal inputs give equal bytes."""
     assert values.dtype == np.int32 and mask.dtype == np.int8 and len(values) == len(mask)
     if len(values) > np.iinfo(np.int32).max:
         raise DatasetError(f"a shard would hold {len(values)} tokens (> 2^31): lower --records-per-shard")
@@ -64,23 +64,34 @@ def serialize_shard(
     np.cumsum(lengths, out=offsets[1:])
     assert offsets[-1] == len(values)
     schema = shard_schema(images is not None)
-    sink = pa.BufferOutputStream()
+    batches = []
+    for lo in range(0, len(lengths), BATCH_ROWS):
+        hi = min(lo + BATCH_ROWS, len(lengths))
+        o = offsets[lo : hi + 1]
+        base = o[0]
+        rel = _numpy_array(o - base, pa.int32())
+        cols = [
+            pa.ListArray.from_arrays(rel, _numpy_array(values[base : o[-1]], pa.int32())),
+            pa.ListArray.from_arrays(rel, _numpy_array(mask[base : o[-1]], pa.int8())),
+        ]
+        if isinstance(images, pa.Array):  # the IPC writer stores a slice's offsets from 0
+            cols.append(images.slice(lo, hi - lo))
+        elif images is not None:
+            cols.append(_string_array(images[lo:hi]))
+        batches.append(pa.record_batch(cols, schema=schema))
+    # Written twice: once to count the bytes, then into a buffer of exactly that size. A growing
+    # BufferOutputStream and a copy into bytes cost more (fresh pages for every shard).
+    counter = pa.MockOutputStream()
+    _write_stream(counter, schema, batches)
+    out = pa.allocate_buffer(counter.size())
+    _write_stream(pa.FixedSizeBufferWriter(out), schema, batches)
+    return out
+
+
+def _write_stream(sink: pa.NativeFile, schema: pa.Schema, batches: list[pa.RecordBatch]) -> None:
     with pa.ipc.new_stream(sink, schema) as writer:
-        for lo in range(0, len(lengths), BATCH_ROWS):
-            hi = min(lo + BATCH_ROWS, len(lengths))
-            o = offsets[lo : hi + 1]
-            base = o[0]
-            rel = _numpy_array(o - base, pa.int32())
-            cols = [
-                pa.ListArray.from_arrays(rel, _numpy_array(values[base : o[-1]], pa.int32())),
-                pa.ListArray.from_arrays(rel, _numpy_array(mask[base : o[-1]], pa.int8())),
-            ]
-            if isinstance(images, pa.Array):  # the IPC writer stores a slice's offsets from 0
-                cols.append(images.slice(lo, hi - lo))
-            elif images is not None:
-                cols.append(_string_array(images[lo:hi]))
-            writer.write_batch(pa.record_batch(cols, schema=schema))
-    return sink.getvalue().to_pybytes()
+        for batch in batches:
+            writer.write_batch(batch)
 
 
 def _numpy_array(arr: np.ndarray, typ: pa.DataType) -> pa.Array:
@@ -111,7 +122,7 @@ def _string_array(values: list[str | None]) -> pa.Array:
     return arr if arr.type == pa.string() else pa.array(values, type=pa.string())
 
 
-def sha256_bytes(data: bytes) -> str:
+def sha256_bytes(data: bytes | pa.Buffer) -> str:
     return hashlib.sha256(data).hexdigest()
 
 

@@ -42,6 +42,8 @@ def test_sentencepiece_file_matches_sentencepiece(sp_model):
     # framed: BOS ids EOS per text, counted without BOS/EOS (sentencepiece adds them itself)
     framed = [i for s in SAMPLES for i in [1, *ref.encode(s), 2]]
     assert [a.tolist() for a in tok.encode_framed(SAMPLES)] == [counts.tolist(), framed]
+    chunks = [(0, 3), (3, 4), (4, len(SAMPLES))]  # one tokenizer call each, joined in order
+    assert [a.tolist() for a in tok.encode_framed(SAMPLES, chunks)] == [counts.tolist(), framed]
     # counts read from the buffers when the ids hold another number of EOS ids than texts (a model
     # whose EOS id is an ordinary piece): here an id that the samples' text pieces contain
     common = ids[0].item()
@@ -52,6 +54,7 @@ def test_sentencepiece_file_matches_sentencepiece(sp_model):
     tok._buffers = None  # the list fallback (other sentencepiece builds, HF tokenizers) agrees
     assert [a.tolist() for a in tok.encode_arrays(SAMPLES)] == [counts.tolist(), ids.tolist()]
     assert [a.tolist() for a in tok.encode_framed(SAMPLES)] == [counts.tolist(), framed]
+    assert [a.tolist() for a in tok.encode_framed(SAMPLES, chunks)] == [counts.tolist(), framed]
 
 
 def test_hf_llama_directory_encodes_like_sentencepiece(sp_model, hf_llama_dir):
