@@ -365,6 +365,7 @@ def encode_shard(
     called per ~``ENCODE_CHUNK_CHARS`` of text, not per record. Raises ``BadRecord`` for the first
     bad record (in input order) when ``on_error == "fail"``."""
     s = settings
+    units = [u.load(s.files) if isinstance(u, LineBlock) else u for u in units]
     fixed = s.kind in FIXED_KINDS
     problems: list[tuple[int, str, str]] = []  # (position in shard, where, reason)
     # position in shard of each parsed record: int64 arrays for blocks, lists for single records

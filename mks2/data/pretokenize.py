@@ -14,7 +14,8 @@
 Workers: ``workers == 1`` encodes in this process; more start that many processes (spawn), each
 loading the tokenizer once. The parent reads the input and keeps at most ``2 * workers`` shards in
 flight, so memory stays bounded whatever the input size. JSONL travels as ``LineBlock``s (a shard's
-lines in one bytes object, counted with C-level calls); decoding, parsing (Arrow's JSON reader for
+lines in one bytes object, counted with numpy; with workers, a plain file's blocks as byte ranges
+that the workers read themselves, so the parent copies and pickles no lines); decoding, parsing (Arrow's JSON reader for
 caption/text blocks, ``json.loads`` per record otherwise), encoding (a tokenizer call per ~128k
 characters) and Arrow building happen in the workers, per batch of records rather than per record.
 """
@@ -320,7 +321,9 @@ def pretokenize(
         bar.update(stats)
 
     try:
-        _run_jobs(iter_shard_units(files, records_per_shard, first), settings, tok, tokenizer, workers, on_done)
+        # with workers, plain JSONL travels as byte ranges that each worker reads itself
+        units = iter_shard_units(files, records_per_shard, first, ranges=workers > 1)
+        _run_jobs(units, settings, tok, tokenizer, workers, on_done)
     except BadRecord as exc:
         raise PretokenizeError(
             f"{exc.where}: {exc.reason}\n(--on-error fail: stopped here, no manifest written; fix the record or "

@@ -195,12 +195,33 @@ class LineBlock:
     """Consecutive lines of one JSONL file, shipped to a worker as one bytes object instead of one
     object per record. ``data`` holds the lines exactly as read (newlines included, blank lines kept so
     that line numbers can be recounted), the first of them being 1-based line ``first_line``;
-    ``records`` of them are not blank."""
+    ``records`` of them are not blank. A block of a plain (not gzipped) file may travel as its byte
+    range instead (``offset`` >= 0, ``size`` bytes, ``data`` empty): the worker reads it
+    (``load``), so the parent neither copies nor pickles the lines."""
 
     file_index: int
     first_line: int
     data: bytes
     records: int
+    offset: int = -1
+    size: int = 0
+
+    def load(self, files: Sequence[InputFile]) -> LineBlock:
+        """This block with its ``data`` (read from its file for a byte-range block)."""
+        if self.offset < 0:
+            return self
+        path = files[self.file_index].path
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                data = os.pread(fd, self.size, self.offset)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise PretokenizeError(f"{path}:{self.first_line}: cannot read the file ({exc})") from exc
+        if len(data) != self.size:
+            raise PretokenizeError(f"{path}:{self.first_line}: the file became shorter while being read")
+        return LineBlock(self.file_index, self.first_line, data, self.records)
 
     def lines(self) -> Iterator[tuple[int, bytes]]:
         """(line number, line) of the block's records (non-blank lines), newline kept, as
@@ -234,8 +255,9 @@ class LineReader:
 
     MIN_CHUNK, MAX_CHUNK = 1 << 16, 1 << 24
 
-    def __init__(self, f: InputFile, file_index: int):
+    def __init__(self, f: InputFile, file_index: int, *, ranges: bool = False):
         self.f, self.file_index = f, file_index
+        self.ranges = ranges and not f.gzipped  # hand out byte ranges (``LineBlock.load``), not data
         self.fh = (gzip.open if f.gzipped else open)(f.path, "rb")
         self.lineno = 0  # lines handed out so far
         self.buf = b""  # the current chunk: whole lines (the last may lack its newline at EOF)
@@ -243,6 +265,7 @@ class LineReader:
         self._newlines = np.zeros(0, dtype=np.int64)  # positions of the newlines of ``buf``
         self._k = 0  # index in ``_newlines`` of the first newline at or after ``_pos``
         self._bytes, self._lines = 0, 0  # read so far: sizes the next chunk
+        self._buf_offset = 0
 
     def _fill(self, lines_wanted: int) -> bool:
         per_line = self._bytes // self._lines if self._lines else 128
@@ -255,6 +278,7 @@ class LineReader:
             # the line number is the first one not handed out (a chunk fails as a whole)
             raise PretokenizeError(f"{self.f.path}:{self.lineno + 1}: cannot read the file ({exc})") from exc
         self.buf, self._pos, self._k = data, 0, 0
+        self._buf_offset = self._bytes  # file offset of ``buf`` (uncompressed)
         self._newlines = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 0x0A)
         self._bytes += len(data)
         self._lines += len(self._newlines)
@@ -275,9 +299,12 @@ class LineReader:
         """The next lines up to and including the ``n``-th record (fewer at the end of the file);
         None when no record is left."""
         parts: list[bytes] = []
+        offset = size = 0  # the block's byte range
         count = lines_taken = 0
         while count < n and (self._pos < len(self.buf) or self._fill(n - count)):
             buf, newlines, k, pos = self.buf, self._newlines, self._k, self._pos
+            if not lines_taken:
+                offset = self._buf_offset + pos
             need = n - count
             left = len(newlines) - k  # whole lines left; at EOF a last one may lack its newline
             if need <= left:  # ``need`` whole lines
@@ -287,13 +314,18 @@ class LineReader:
             # line j > 0 of these starts after the newline that ends line j - 1
             starts = np.concatenate([np.array([pos]), newlines[k : k + lines - 1] + 1])
             blank = self._blank_lines(starts, end)
-            parts.append(buf if pos == 0 and end == len(buf) else buf[pos:end])
+            size += end - pos
+            if not self.ranges:
+                parts.append(buf if pos == 0 and end == len(buf) else buf[pos:end])
             self._pos, self._k = end, k + min(lines, left)
             count += lines - blank
             lines_taken += lines
-        if not parts:
+        if not lines_taken:
             return None
-        block = LineBlock(self.file_index, self.lineno + 1, parts[0] if len(parts) == 1 else b"".join(parts), count)
+        if self.ranges:
+            block = LineBlock(self.file_index, self.lineno + 1, b"", count, offset=offset, size=size)
+        else:
+            block = LineBlock(self.file_index, self.lineno + 1, parts[0] if len(parts) == 1 else b"".join(parts), count)
         self.lineno += lines_taken
         return block if count else None
 
@@ -318,16 +350,19 @@ def iter_records(files: Sequence[InputFile]) -> Iterator[tuple[int, int, Any]]:
 _SKIP_STEP = 100_000
 
 
-def iter_shard_units(files: Sequence[InputFile], per_shard: int, first: int) -> Iterator[tuple[int, list]]:
+def iter_shard_units(
+    files: Sequence[InputFile], per_shard: int, first: int, *, ranges: bool = False
+) -> Iterator[tuple[int, list]]:
     """(shard index, its units) in order from shard ``first`` on; shard k holds input records
     ``[k * per_shard, (k + 1) * per_shard)``. A unit is a ``LineBlock`` (JSONL: many records in one
-    bytes object) or one ``(file_index, number, payload)`` record (other inputs). Earlier records are
-    read and dropped."""
+    bytes object, or with ``ranges`` their byte range in a plain file, for a worker process to read)
+    or one ``(file_index, number, payload)`` record (other inputs). Earlier records are read and
+    dropped."""
     skip = first * per_shard
     index, units, have = first, [], 0
     for fi, f in enumerate(files):
         if is_line_file(f):
-            reader = LineReader(f, fi)
+            reader = LineReader(f, fi, ranges=ranges)
             try:
                 while skip:
                     block = reader.take(min(skip, _SKIP_STEP))

@@ -326,6 +326,7 @@ def test_bad_record_fail_and_skip(tmp_path, sp_model, case):
 def test_line_blocks_hold_exactly_the_records_of_the_file(tmp_path, gz, monkeypatch):
     """The parent's chunked JSONL reader hands out the same (line number, line) records as reading
     the file line by line, cut after exactly ``n`` records, whatever the chunk size."""
+    import itertools
     import random
 
     from mks2.data.records import LineReader, _iter_jsonl, resolve_inputs
@@ -352,13 +353,15 @@ def test_line_blocks_hold_exactly_the_records_of_the_file(tmp_path, gz, monkeypa
         path.write_bytes(gzip.compress(data) if gz else data)
         (f,) = resolve_inputs([str(path)])
         expected = list(_iter_jsonl(f))
-        for n in (1, 2, 7, 50, 10_000):
-            reader, got, sizes = LineReader(f, 0), [], []
+        for n, ranges in itertools.product((1, 2, 7, 50, 10_000), (False, True)):
+            reader, got, sizes = LineReader(f, 0, ranges=ranges), [], []
             while block := reader.take(n):
-                got += list(block.lines())
+                # byte ranges (plain files only) are read back by the worker
+                assert (block.offset >= 0 and not block.data) == (ranges and not gz)
+                got += list(block.load([f]).lines())
                 sizes.append(block.records)
             reader.close()
-            assert got == expected, n
+            assert got == expected, (n, ranges)
             assert all(k == n for k in sizes[:-1]) and 0 < sizes[-1] <= n and sum(sizes) == len(expected)
 
 
