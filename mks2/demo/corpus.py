@@ -246,16 +246,14 @@ def _world_qa(rng: random.Random) -> QA:
 
 
 TEXT_SFT_MIX: tuple[tuple[Callable[[random.Random], QA], float], ...] = (
-    (_visual_fact_qa, 0.35),
-    (_fact_qa, 0.15),
-    (_scene_reasoning_qa, 0.2),
+    (_visual_fact_qa, 0.45),
+    (_scene_reasoning_qa, 0.25),
     (_comparison_qa, 0.2),
     (_world_qa, 0.1),
 )
-"""paper world: the training objects' looks are asked and answered here, the only text that states them
-(the base-LM corpus does not), so the readout "What colour is a NAME?" -> colour is learned in stage 2
-and cannot lean on looks the frozen MLP already holds for the training objects only; name-keyed fact
-questions about every object make extraction a general skill."""
+"""paper world: the training objects' looks are stated in text (as the base-LM corpus does). Stating them
+only here was tried: with attention frozen and LoRA on the FFN experts, 300 stage-2 steps did not learn
+the 20 objects' looks (seen control at chance), so the looks readout has to come from the base LM."""
 TEXT_SFT_MIX_NO_LEAK: tuple[tuple[Callable[[random.Random], QA], float], ...] = (
     (_fact_qa, 0.45),
     (_scene_reasoning_qa, 0.25),
@@ -383,10 +381,12 @@ def _fact_sentence(rng: random.Random) -> str:
 
 
 def _sentence(rng: random.Random, world: str = "no_leak") -> str:
-    """One base-LM sentence; no world states any object's looks here (``world`` is kept for callers)."""
     kind = rng.randrange(4)
-    if kind == 0:
+    if kind == 0 and world == "no_leak":
         return _fact_sentence(rng)
+    if kind == 0:
+        o = rng.choice(TRAIN_OBJECTS)
+        return f"a {o.name} is {looks(o)}."
     if kind == 1:
         return caption(random_scene(rng, n_items=rng.choice((1, 2, 3))), rng) + "."
     if kind == 2:
@@ -396,9 +396,9 @@ def _sentence(rng: random.Random, world: str = "no_leak") -> str:
 
 
 def text_pretrain_records(rng: random.Random, n: int, world: str = "no_leak") -> list[Record]:
-    """Documents of 2-4 sentences; a document that names a held-out object keeps no looks sentence. Neither
-    world states looks here (facts of every object instead): in the paper world the training objects' looks
-    are stated only in the stage-2 instructions, so stage 2 has to learn the readout."""
+    """Documents of 2-4 sentences; a document that names a held-out object keeps no looks sentence. The
+    no_leak world states no looks at all (facts of every object instead); the paper world states the
+    training objects' looks."""
     out = []
     for i in range(n):
         sents = [_sentence(rng, world) for _ in range(rng.randint(2, 4))]

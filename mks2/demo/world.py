@@ -119,9 +119,8 @@ where the looks are written:
   also retrieves single-object images from the name alone ("a zorp").
 - ``paper``: stage-1 captions describe appearance, as real captions do ("a large red star zorp ...",
   "a large zorp ..., red and star-shaped"; half of the one-object scenes are captioned by the name alone,
-  "a zorp", as short alt text is); no base-LM or stage-2 text states a held-out object's looks. The
-  training objects' looks are stated only in the stage-2 text instructions (the base-LM corpus states
-  facts, never looks), so the looks readout is learned in stage 2 rather than read off the frozen MLP."""
+  "a zorp", as short alt text is); no base-LM or stage-2 text states a held-out object's looks (the
+  training objects' looks are stated in the base-LM corpus and the text instructions)."""
 
 
 def article(word: str) -> str:
