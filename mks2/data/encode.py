@@ -9,9 +9,9 @@ tokenizer stays small.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import gc
-import itertools
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -339,16 +339,25 @@ def _unit_records(unit: LineBlock | tuple[int, int, Any]) -> Iterator[tuple[int,
 
 
 def _locator(s: EncodeSettings, units: Sequence[LineBlock | tuple[int, int, Any]]):
-    """position in shard -> ``file:line`` (recounts a block's lines; only called for bad records)."""
+    """position in shard -> ``file:line``. Only called for bad records; the unit is found by
+    bisection and a block's line numbers are recounted once, at its first bad record (a walk and a
+    recount per bad record made a shard with many of them, e.g. ``--max-tokens`` dropping most,
+    quadratic: minutes for 50k records)."""
+    firsts: list[int] = []  # position in shard of each unit's first record
+    pos = 0
+    for unit in units:
+        firsts.append(pos)
+        pos += unit.records if isinstance(unit, LineBlock) else 1
+    numbers: dict[int, list[int]] = {}  # unit index -> line number of each of its records
 
     def where(pos: int) -> str:
-        for unit in units:
-            n = unit.records if isinstance(unit, LineBlock) else 1
-            if pos < n:
-                fi, number, _ = next(itertools.islice(_unit_records(unit), pos, None))
-                return location(s.files[fi], number)
-            pos -= n
-        raise IndexError(pos)
+        k = bisect.bisect_right(firsts, pos) - 1
+        unit = units[k]
+        if not isinstance(unit, LineBlock):
+            return location(s.files[unit[0]], unit[1])
+        if k not in numbers:
+            numbers[k] = [number for number, _ in unit.lines()]
+        return location(s.files[unit.file_index], numbers[k][pos - firsts[k]])
 
     return where
 

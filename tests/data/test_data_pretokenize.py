@@ -461,6 +461,19 @@ def test_fast_image_column_stays_arrow_unless_strings_are_needed(tmp_path):
     assert _fixed_images(settings(), pa.array(["a.png", "\u2028x"])) is not None
 
 
+def test_many_bad_records_name_their_lines(tmp_path, sp_model):
+    """Every other record over-long, across two files (one shard, two blocks, a blank line): each
+    skipped record is named by its own file and line."""
+    short, long = (json.dumps({"image": "a.png", "caption": c}) for c in ("a red circle", "red " * 100))
+    a = write_jsonl(tmp_path / "a.jsonl", [short if i % 2 else long for i in range(30)])
+    b_lines = [short if i % 2 else long for i in range(30)]
+    b = write_jsonl(tmp_path / "b.jsonl", b_lines[:3] + [""] + b_lines[3:])
+    m = _run([a, b], tmp_path / "o", sp_model, max_tokens=64, on_error="skip", records_per_shard=100)
+    assert m["counts"]["records_skipped"] == 30 and m["counts"]["records_written"] == 30
+    want = [f"{a}:{n}" for n in range(1, 31, 2)] + [f"{b}:{n}" for n in (1, 3, 6, 8, 10)]
+    assert [p.split(": ")[0] for p in m["skipped_examples"]] == want
+
+
 def test_bad_csv_and_parquet_rows_name_their_location(tmp_path, sp_model):
     p = tmp_path / "in.csv"
     p.write_text('image,caption\na.png,fine\nb.png,"two\nlines"\nc.png,too,many\n')
