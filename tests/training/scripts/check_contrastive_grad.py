@@ -52,7 +52,6 @@ def main() -> int:
     checks.update(varlen_checks(rank, world))
     failed = [k for k, ok in checks.items() if not ok]
     print(f"rank {rank}: {'OK' if not failed else 'FAILED ' + ', '.join(failed)}", flush=True)
-    dist.barrier()
     dist.destroy_process_group()
     return 1 if failed else 0
 
@@ -90,9 +89,9 @@ def varlen_checks(rank: int, world: int) -> dict[str, bool]:
 
 
 if __name__ == "__main__":
-    # os._exit, not sys.exit: about one run in ten, one rank aborted after printing its result, in gloo's
-    # C++ teardown at interpreter exit ("terminate called without an active exception"; a barrier and
-    # destroy_process_group before it did not stop it). The checks are done; skip the finalizers.
+    # os._exit, not sys.exit: in about one run in five, one rank aborted after printing its result, in
+    # gloo's C++ teardown at interpreter exit ("terminate called without an active exception"; a barrier
+    # before destroy_process_group did not stop it). The checks are done; skip the finalizers.
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
